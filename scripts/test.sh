@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install what the test suite needs, then run it. torch is installed only when missing (set TORCH_SPEC to
+# choose a build; the default is the CPU wheel this project's machines carry), so a CUDA or ROCm torch you
+# already have is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
+python -m pytest -q "$@"

@@ -1,0 +1,161 @@
+"""Hugging Face model folders in and out: config.json + single-file or sharded safetensors.
+
+Loading builds the model on the meta device and fills it tensor by tensor, shard by shard, so memory peaks
+near the size of the weights. When the file's dtype is the requested one on the CPU, the parameters keep
+pointing into the memory-mapped file and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .model import CheckpointError, Qwen3Config, Qwen3ForCausalLM
+from .tokenizer import Tokenizer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def checkpoint_shards(folder: Path) -> dict[Path, set[str]]:
+    """Each safetensors file of the checkpoint with the tensor names the index promises it holds
+    (an empty set for a single-file checkpoint, whose contents are read from the file itself)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[Path, set[str]] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(folder / file, set()).add(name)
+        for shard in shards:
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {index} is missing")
+        return shards
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return {single: set()}
+    raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _read_shard(shard: Path, promised: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(str(shard), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        absent = sorted(promised - names)
+        if absent:
+            raise CheckpointError(f"{shard}: tensor {absent[0]!r} listed in the index is not in the file")
+        for name in sorted(names):
+            yield name, f.get_tensor(name)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu") -> Qwen3ForCausalLM:
+    """Qwen3ForCausalLM with the weights of an HF folder, cast to `dtype` on `device`."""
+    folder = Path(path)
+    config = Qwen3Config.from_pretrained(folder)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    expected = dict(model.named_parameters())  # tied lm_head.weight is the embedding, listed once
+    loaded: set[str] = set()
+    for shard, promised in checkpoint_shards(folder).items():
+        for name, tensor in _read_shard(shard, promised):
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied checkpoints may still carry a copy of the embedding
+            if name not in expected:
+                raise CheckpointError(f"{shard}: unexpected tensor {name!r} for a Qwen3 model")
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"config.json implies {want}")
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            loaded.add(name)
+    missing = sorted(expected.keys() - loaded)
+    if missing:
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing "
+                              f"({len(missing)} missing in all)")
+    model.tie_weights()
+    return model
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cpu") -> tuple[Qwen3ForCausalLM, Tokenizer]:
+    return load_model(path, dtype=dtype, device=device), Tokenizer.from_pretrained(path)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 5_000_000_000, "5GB", "500MB" or "2GiB"."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read a size from {size!r}; use bytes or e.g. '5GB'")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names transformers expects (tied lm_head left out, as HF saves it)."""
+    tensors = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=True)}
+    with torch.device("meta"):
+        expected = set(dict(Qwen3ForCausalLM(model.config).named_parameters()))
+    foreign = sorted(tensors.keys() - expected)
+    if foreign:
+        raise CheckpointError(f"the model holds {foreign[0]!r}, not part of a plain Qwen3 checkpoint; "
+                              "merge adapters (merge_dora) or save them with save_adapter")
+    return tensors
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: Qwen3ForCausalLM, tokenizer: Tokenizer | None, path: str | Path,
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write an HF folder transformers loads. Written beside the target and renamed into place at the end,
+    so an interrupted save never leaves a half-written model under `path`."""
+    target = Path(path)
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = hf_state_dict(model)
+    dtype = dtype or next(iter(tensors.values())).dtype
+    shards = _plan_shards(tensors, parse_size(max_shard_size))
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = SINGLE_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.to(dtype).contiguous().cpu() for k, v in shard.items()}, str(staging / file),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    if len(shards) > 1:
+        total = sum(t.numel() * dtype.itemsize for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target

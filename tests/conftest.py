@@ -1,0 +1,61 @@
+"""Tiny random Qwen3 checkpoints written by transformers (the oracle), and a tiny ChatML tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratos_lite import train_chatml_tokenizer
+
+CORPUS = [
+    "Senior geophysicist at KOC Kuwait follows seismic surveys, reservoir models and oil price news.",
+    "An indie game developer in Berlin reads about Gamescom, Steam releases and publishing deals.",
+    "Marine electrician on offshore wind farms near Stavanger: turbines, cables, safety, weather.",
+    "Score 0-10 with reasoning: the article covers regional energy policy and its effect on jobs.",
+    '{"score": 7.5} {"score": 0.0} think about relevance, region, field and topic overlap 0123456789',
+] * 4
+
+
+def tiny_config(**overrides) -> dict:
+    config = dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=512, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, bos_token_id=None,
+        eos_token_id=2,
+    )
+    config.update(overrides)
+    return config
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights with enough spread that every part of the network (norm weights included) matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+    return model
+
+
+def hf_model(config: dict, seed: int = 0):
+    import transformers
+
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(hf_config).float().eval()
+    return randomize_(model, seed)
+
+
+def write_hf_checkpoint(folder, config: dict, seed: int = 0, dtype=torch.float32, shard_size="2GB"):
+    """Save a random transformers Qwen3 to `folder`; returns the transformers model (fp32, eval)."""
+    model = hf_model(config, seed)
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard_size)
+    return model.float()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_chatml_tokenizer(CORPUS, vocab_size=400)

@@ -1,0 +1,211 @@
+"""Qwen3 forward, KV cache, generation and checkpoints against transformers (the oracle)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config, write_hf_checkpoint
+
+import stratos_lite as sl
+
+CONFIGS = {
+    "tied-mha-single": (tiny_config(tie_word_embeddings=True, num_key_value_heads=4), "2GB"),
+    "untied-gqa2-headdim-sharded": (tiny_config(head_dim=24), "60KB"),
+    "untied-gqa4-sharded": (tiny_config(num_attention_heads=8, num_key_value_heads=2, head_dim=8), "60KB"),
+    "tied-gqa4-headdim-yarn": (
+        tiny_config(tie_word_embeddings=True, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                  "original_max_position_embeddings": 128}),
+        "2GB",
+    ),
+}
+
+
+def tokens(batch=2, length=40, vocab=512, seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers_fp32(tmp_path, name):
+    config, shard = CONFIGS[name]
+    reference = write_hf_checkpoint(tmp_path, config, shard_size=shard)
+    if shard != "2GB":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = sl.load_model(tmp_path, dtype=torch.float32)
+    ids = tokens(length=200 if "yarn" in name else 40)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_logits_match_transformers_bf16(tmp_path):
+    config = tiny_config(head_dim=24)
+    reference = write_hf_checkpoint(tmp_path, config, dtype=torch.bfloat16).to(torch.bfloat16)
+    ours = sl.load_model(tmp_path, dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ids = tokens()
+    with torch.no_grad():
+        expected, got = reference(ids).logits.float(), ours(ids).float()
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() < 0.03 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+
+
+def test_fp32_source_cast_to_bf16_and_back(tmp_path):
+    reference = write_hf_checkpoint(tmp_path, tiny_config(), dtype=torch.float32)
+    ours = sl.load_model(tmp_path, dtype=torch.bfloat16)
+    for name, p in reference.named_parameters():
+        assert torch.equal(ours.get_parameter(name), p.detach().to(torch.bfloat16)), name
+
+
+def test_kv_cache_decoding_equals_full_forward(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config(num_key_value_heads=1))
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    ids = tokens(length=24)
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_kv_caches(batch=2, max_len=24)
+        pieces = [model(ids[:, :10], kv_caches=caches)]
+        pieces += [model(ids[:, i:i + 1], kv_caches=caches) for i in range(10, 20)]
+        pieces.append(model(ids[:, 20:], kv_caches=caches))
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_logits_mask_projects_only_selected_positions(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    ids = tokens(length=12)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[0, 3], select[1, 7:10] = True, True
+    with torch.no_grad():
+        assert torch.allclose(model(ids, logits_mask=select), model(ids)[select], atol=1e-6)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    config = tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    reference = write_hf_checkpoint(tmp_path, config)
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    prompts = [[5, 17, 99, 3, 250, 8], [41, 7], [300, 301, 302, 12]]
+    got = sl.generate(model, prompts, max_new_tokens=12, stop_ids=[2], pad_id=0)
+
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, eos_token_id=2)
+    for row, ours in zip(out[:, longest:].tolist(), got, strict=True):
+        expected = row[: row.index(2)] if 2 in row else row
+        assert ours == expected
+
+
+def test_generation_stops_at_stop_token_and_samples_reproducibly(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    prompt = [[5, 6, 7]]
+    free = sl.generate(model, prompt, max_new_tokens=8)[0]
+    assert len(free) == 8
+    stopped = sl.generate(model, prompt, max_new_tokens=8, stop_ids=[free[3]])[0]
+    assert stopped == free[: free.index(free[3])]
+    runs = [sl.generate(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9,
+                        generator=torch.Generator().manual_seed(3))[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("shard", ["2GB", "40KB"])
+def test_save_pretrained_loads_in_transformers(tmp_path, tokenizer, shard):
+    import transformers
+
+    write_hf_checkpoint(tmp_path / "src", tiny_config(tie_word_embeddings=shard == "2GB"))
+    model = sl.load_model(tmp_path / "src", dtype=torch.float32)
+    sl.save_pretrained(model, tokenizer, tmp_path / "out", max_shard_size=shard)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = tokens()
+    with torch.no_grad():
+        assert (reloaded(ids).logits - model(ids)).abs().max().item() < 1e-5
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "<|im_start|>user\nKuwait oil<|im_end|>\n"
+    assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+    again, tok = sl.load_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert tok.encode(text) == tokenizer.encode(text)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_loaded_weights_are_private_to_each_model(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config(), dtype=torch.bfloat16)
+    a = sl.load_model(tmp_path, dtype=torch.bfloat16)
+    b = sl.load_model(tmp_path, dtype=torch.bfloat16)
+    w_a, w_b = a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(w_a, w_b)
+    # Even when both point into the same file, writing to one leaves the file and the other untouched.
+    with torch.no_grad():
+        w_a.add_(1)
+    assert not torch.equal(w_a, w_b)
+
+
+# Bad input: one clear error that names the file or tensor.
+
+def test_missing_config(tmp_path):
+    with pytest.raises(sl.CheckpointError, match=r"config\.json"):
+        sl.load_model(tmp_path)
+
+
+def test_not_qwen3(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(sl.CheckpointError, match="LlamaForCausalLM"):
+        sl.load_model(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config(), shard_size="60KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(sl.CheckpointError, match=shard.name):
+        sl.load_model(tmp_path)
+
+
+def _rewrite(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_missing_tensor(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(sl.CheckpointError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        sl.load_model(tmp_path)
+
+
+def test_unexpected_tensor(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(sl.CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+        sl.load_model(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    message = r"down_proj\.weight' has shape \(64, 96\), config\.json implies \(64, 128\)"
+    with pytest.raises(sl.CheckpointError, match=message):
+        sl.load_model(tmp_path)
+
+
+def test_config_reads_new_and_old_rope_keys():
+    old = tiny_config(rope_theta=5e5, rope_scaling={"type": "yarn", "factor": 2.0})
+    new = {k: v for k, v in tiny_config().items() if k != "rope_theta"}
+    new["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 2.0}
+    a, b = sl.Qwen3Config.from_dict(old), sl.Qwen3Config.from_dict(new)
+    assert a.rope_theta == b.rope_theta == 5e5
+    assert a.rope_scaling["factor"] == b.rope_scaling["factor"] == 2.0
+    with pytest.raises(sl.CheckpointError, match="rope scaling 'dynamic'"):
+        sl.Qwen3Config.from_dict(tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
