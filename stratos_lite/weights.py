@@ -50,14 +50,39 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
-def _read_shard(shard: Path, promised: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(str(shard), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        absent = sorted(promised - names)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_header(file) -> tuple[dict, int]:
+    """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
+    size = int.from_bytes(file.read(8), "little")
+    header = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a shard. Tensors already in `dtype` are memory-mapped (no copy); tensors to be cast
+    are read one at a time into a buffer freed after the cast, so a shard's pages never pile up in memory
+    beside the converted weights."""
+    with open(shard, "rb") as file, safe_open(str(shard), framework="pt", device="cpu") as mapped:
+        header, data_start = _read_header(file)
+        absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{shard}: tensor {absent[0]!r} listed in the index is not in the file")
-        for name in sorted(names):
-            yield name, f.get_tensor(name)
+        for name in sorted(header):
+            info = header[name]
+            source = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if source is None:
+                raise CheckpointError(f"{shard}: tensor {name!r} has dtype {info['dtype']}, not a float type")
+            if source == dtype:
+                yield name, mapped.get_tensor(name)
+                continue
+            begin, end = info["data_offsets"]
+            file.seek(data_start + begin)
+            buffer = bytearray(end - begin)
+            file.readinto(buffer)
+            yield name, torch.frombuffer(buffer, dtype=source).view(info["shape"])
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -70,7 +95,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     expected = dict(model.named_parameters())  # tied lm_head.weight is the embedding, listed once
     loaded: set[str] = set()
     for shard, promised in checkpoint_shards(folder).items():
-        for name, tensor in _read_shard(shard, promised):
+        for name, tensor in _read_shard(shard, promised, dtype):
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # tied checkpoints may still carry a copy of the embedding
             if name not in expected:
