@@ -1,22 +1,38 @@
 """stratos_lite: fine-tune Qwen3 with DoRA in plain PyTorch and ship it as GGUF."""
 
+from .dora import (
+    AdapterSummary,
+    DoRALinear,
+    adapters_disabled,
+    apply_dora,
+    load_adapter,
+    merge_dora,
+    save_adapter,
+)
 from .generate import generate
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
 from .weights import load_model, load_pretrained, save_pretrained
 
 __all__ = [
+    "AdapterSummary",
     "CheckpointError",
+    "DoRALinear",
     "KVCache",
     "Message",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "Tokenizer",
+    "adapters_disabled",
+    "apply_dora",
     "generate",
+    "load_adapter",
     "load_model",
     "load_pretrained",
+    "merge_dora",
     "render_completion",
     "render_prompt",
+    "save_adapter",
     "save_pretrained",
     "train_chatml_tokenizer",
 ]

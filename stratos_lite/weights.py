@@ -111,7 +111,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
         raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing "
                               f"({len(missing)} missing in all)")
     model.tie_weights()
-    return model
+    return model.eval()  # like transformers: dropout off until a trainer asks for train()
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16,
