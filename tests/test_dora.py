@@ -42,7 +42,8 @@ def test_layer_forward_and_gradients_match_peft():
     torch.manual_seed(0)
     base = nn.Linear(48, 40, bias=False)
     ours = DoRALinear(nn.Linear(48, 40, bias=False), rank=4, alpha=8)
-    ours.base_layer.weight.data.copy_(base.weight.data)
+    with torch.no_grad():
+        ours.base_layer.weight.copy_(base.weight)
     reference, a, b, m = peft_layer(base)
     perturb_([a, b, m])
     with torch.no_grad():
@@ -209,3 +210,15 @@ def test_merge_tool_writes_merged_folder(tmp_path, tokenizer):
     with torch.no_grad():
         assert (merged(ids) - base(ids)).abs().max() < 1e-4
     assert tok.encode("Kuwait oil") == tokenizer.encode("Kuwait oil")
+
+
+def test_inference_path_equals_training_path():
+    layer = DoRALinear(nn.Linear(32, 24, bias=False), rank=4, alpha=8, dropout=0.1).eval()
+    perturb_([layer.lora_A, layer.lora_B, layer.lora_magnitude], seed=7)
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert torch.allclose(fast, layer(x), atol=1e-6)  # grad enabled: the autograd path
+    with torch.no_grad():
+        layer.lora_magnitude.mul_(2)  # a changed magnitude must invalidate the folded terms
+        assert torch.allclose(layer(x), 2 * fast, atol=1e-5)
