@@ -1,5 +1,6 @@
 """stratos_lite: fine-tune Qwen3 with DoRA in plain PyTorch and ship it as GGUF."""
 
+from .data import DEFAULT_BANDS, Band, DataError, DatasetReport, ScoredDataset, collate
 from .dora import (
     AdapterSummary,
     DoRALinear,
@@ -11,20 +12,28 @@ from .dora import (
 )
 from .generate import generate
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
+from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
 from .weights import load_model, load_pretrained, save_pretrained
 
 __all__ = [
+    "DEFAULT_BANDS",
     "AdapterSummary",
+    "Band",
+    "BandSampler",
     "CheckpointError",
+    "DataError",
+    "DatasetReport",
     "DoRALinear",
     "KVCache",
     "Message",
     "Qwen3Config",
     "Qwen3ForCausalLM",
+    "ScoredDataset",
     "Tokenizer",
     "adapters_disabled",
     "apply_dora",
+    "collate",
     "generate",
     "load_adapter",
     "load_model",
@@ -35,4 +44,5 @@ __all__ = [
     "save_adapter",
     "save_pretrained",
     "train_chatml_tokenizer",
+    "verify_sampler",
 ]

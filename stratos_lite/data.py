@@ -1,0 +1,293 @@
+"""Scored JSONL records to weighted, completion-only training examples, with a dataset report.
+
+A line is either a scored record
+
+    {"profile_id": "geo-kw", "profile": "Senior geophysicist, KOC Kuwait ...", "article_id": "a17",
+     "title": "...", "article": "...", "score": 7.5, "reasoning": "..."}
+
+rendered by `scoring_messages` + `scoring_completion` (the same functions inference uses), or a
+pre-rendered chat `{"messages": [{"role": ..., "content": ...}, ...], "score": 7.5}` whose last message
+is the assistant's completion. Only the completion (its <|im_end|> included) carries labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import Message, Tokenizer, render_completion
+
+IGNORE_INDEX = -100
+
+SYSTEM_PROMPT = (
+    "You score how relevant a news article is to one reader's professional profile, from 0 (irrelevant) to "
+    "10 (critical). Think about the reader's field, region and interests, then answer with JSON."
+)
+RECORD_FIELDS = ("profile_id", "profile", "article_id", "title", "article", "score", "reasoning")
+
+
+@dataclass(frozen=True)
+class Band:
+    name: str
+    low: float
+    high: float  # exclusive, except for the top band, which includes its upper edge
+    weight: float  # per-example loss weight
+    target_share: float  # share of sampled examples
+
+
+DEFAULT_BANDS = (
+    Band("noise", 0.0, 2.0, 0.5, 0.750),
+    Band("tangential", 2.0, 4.0, 1.0, 0.124),
+    Band("moderate", 4.0, 6.0, 1.5, 0.047),
+    Band("high", 6.0, 8.0, 2.0, 0.045),
+    Band("critical", 8.0, 10.0, 3.0, 0.034),
+)
+
+
+def band_index(score: float, bands: Sequence[Band] = DEFAULT_BANDS) -> int:
+    for index, band in enumerate(bands):
+        if band.low <= score < band.high or (index == len(bands) - 1 and score == band.high):
+            return index
+    raise ValueError(f"score {score} falls in no band ({bands[0].low}..{bands[-1].high})")
+
+
+def scoring_messages(profile: str, title: str, article: str) -> list[Message]:
+    """The prompt for scoring one article for one profile: used for training and for inference."""
+    user = (f"Reader profile:\n{profile.strip()}\n\nArticle title: {title.strip()}\n"
+            f"Article:\n{article.strip()}\n\nHow relevant is this article to this reader?")
+    return [Message("system", SYSTEM_PROMPT), Message("user", user)]
+
+
+def scoring_completion(score: float, reasoning: str) -> str:
+    """The assistant's answer: a think block with the reasoning, then the score as JSON."""
+    return render_completion(json.dumps({"score": round(float(score), 2)}), reasoning=reasoning)
+
+
+class DataError(ValueError):
+    """A bad line of a JSONL file; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    score: float
+    band: int
+    weight: float
+    profile_id: str
+    article_id: str
+    truncated: bool
+
+
+@dataclass
+class DatasetReport:
+    source: str
+    bands: list[dict] = field(default_factory=list)
+    profiles: dict[str, int] = field(default_factory=dict)
+    token_lengths: dict[str, float] = field(default_factory=dict)
+    truncated: int = 0
+    did_not_fit: int = 0
+    skipped_lines: dict[str, int] = field(default_factory=dict)
+    contrastive_groups: int = 0
+    contrastive_examples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        rows = [f"# Dataset report: {self.source}", "",
+                "| band | weight | count | raw % | target % |", "|---|---:|---:|---:|---:|"]
+        rows += [f"| {b['name']} [{b['low']:g}, {b['high']:g}{']' if b is self.bands[-1] else ')'} | "
+                 f"{b['weight']:g} | {b['count']} | {b['raw_pct']:.1f} | {b['target_pct']:.1f} |" for b in self.bands]
+        lengths = ", ".join(f"{k} {v:g}" for k, v in self.token_lengths.items())
+        rows += ["", f"Token lengths: {lengths}.",
+                 f"Article text shortened to fit: {self.truncated}; could not fit even so (left out): "
+                 f"{self.did_not_fit}.",
+                 f"Contrastive groups (one article, several profiles, spread >= 2): {self.contrastive_groups} "
+                 f"covering {self.contrastive_examples} examples."]
+        if self.skipped_lines:
+            rows.append("Skipped lines: " + ", ".join(f"{k}: {v}" for k, v in self.skipped_lines.items()) + ".")
+        rows += ["", "| profile | examples |", "|---|---:|"]
+        rows += [f"| {name} | {count} |" for name, count in sorted(self.profiles.items())]
+        return "\n".join(rows) + "\n"
+
+
+def _require(record: dict, names: Sequence[str]) -> None:
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r}")
+
+
+def _read_score(record: dict) -> float:
+    score = record.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise ValueError(f"score must be a number, got {score!r}")
+    if not 0 <= score <= 10:
+        raise ValueError(f"score {score} is outside 0-10")
+    return float(score)
+
+
+@dataclass
+class ParsedRecord:
+    """A validated line: the prompt as messages, the completion text, and what the report needs."""
+    messages: list[Message]
+    completion: str
+    score: float
+    profile_id: str
+    article_id: str
+    fields: tuple[str, str, str] | None  # (profile, title, article) of a scored record, to re-render shorter
+
+
+def parse_record(record: dict) -> ParsedRecord:
+    if not isinstance(record, dict):
+        raise ValueError("a line must hold a JSON object")
+    if "messages" in record:
+        _require(record, ["score"])
+        score = _read_score(record)
+        turns = record["messages"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("messages must be a non-empty list")
+        messages = [Message(t.get("role"), t.get("content", "")) for t in turns]
+        if messages[-1].role != "assistant" or any(m.role == "assistant" for m in messages[:-1]):
+            raise ValueError("the last message, and only it, must be the assistant's completion")
+        if not messages[-1].content.strip():
+            raise ValueError("empty completion")
+        return ParsedRecord(messages[:-1], render_completion(messages[-1].content), score,
+                            str(record.get("profile_id", "")), str(record.get("article_id", "")), None)
+    _require(record, RECORD_FIELDS)
+    score = _read_score(record)
+    if not str(record["reasoning"]).strip():
+        raise ValueError("empty completion: the reasoning is empty")
+    fields = (str(record["profile"]), str(record["title"]), str(record["article"]))
+    return ParsedRecord(scoring_messages(*fields), scoring_completion(score, record["reasoning"]), score,
+                        str(record["profile_id"]), str(record["article_id"]), fields)
+
+
+def read_jsonl(path: str | Path, on_error: str = "raise") -> tuple[list[tuple[int, ParsedRecord]], Counter]:
+    """Validated records with their line numbers; with on_error="skip", bad lines are counted by reason."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    records, skipped = [], Counter()
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, parse_record(json.loads(line))))
+            except (ValueError, AttributeError, TypeError) as error:
+                reason = "malformed JSON" if isinstance(error, json.JSONDecodeError) else str(error)
+                if on_error == "raise":
+                    raise DataError(f"{path}:{number}: {reason}") from None
+                skipped[reason.split(":")[0]] += 1
+    return records, skipped
+
+
+def _fit_article(tokenizer: Tokenizer, parsed: ParsedRecord, max_len: int):
+    """Encode the record, shortening the article text (never the completion) until it fits max_len.
+    Returns (chat, truncated), or (None, True) when it cannot fit."""
+    chat = tokenizer.encode_chat(parsed.messages, parsed.completion)
+    if len(chat.input_ids) <= max_len:
+        return chat, False
+    if parsed.fields is None:
+        return None, True  # a pre-rendered chat has no article text we know how to shorten
+    profile, title, article = parsed.fields
+    article_ids = tokenizer.encode(article)
+    keep = len(article_ids) - (len(chat.input_ids) - max_len)
+    while keep > 0:
+        shortened = tokenizer.decode(article_ids[:keep]).rstrip() + " ..."
+        chat = tokenizer.encode_chat(scoring_messages(profile, title, shortened), parsed.completion)
+        if len(chat.input_ids) <= max_len:
+            return chat, True
+        keep -= len(chat.input_ids) - max_len
+    return None, True
+
+
+def contrastive_groups(examples: Sequence[Example], min_spread: float = 2.0) -> list[list[int]]:
+    """Indices of examples sharing an article, scored for several profiles with a spread >= min_spread."""
+    by_article: dict[str, list[int]] = defaultdict(list)
+    for index, example in enumerate(examples):
+        if example.article_id:
+            by_article[example.article_id].append(index)
+    groups = []
+    for members in by_article.values():
+        scores = [examples[i].score for i in members]
+        if len({examples[i].profile_id for i in members}) >= 2 and max(scores) - min(scores) >= min_spread:
+            groups.append(members)
+    return groups
+
+
+class ScoredDataset(torch.utils.data.Dataset):
+    """Map-style dataset of tokenized examples: items are dicts with input_ids, labels, weight, band."""
+
+    def __init__(self, examples: list[Example], bands: Sequence[Band] = DEFAULT_BANDS,
+                 report: DatasetReport | None = None):
+        self.examples, self.bands = examples, tuple(bands)
+        self.report = report or build_report("<memory>", self.examples, self.bands)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, max_len: int = 1024,
+                   bands: Sequence[Band] = DEFAULT_BANDS, on_error: str = "raise") -> ScoredDataset:
+        records, skipped = read_jsonl(path, on_error)
+        examples, truncated, did_not_fit = [], 0, 0
+        for _, parsed in records:
+            chat, shortened = _fit_article(tokenizer, parsed, max_len)
+            if chat is None:
+                did_not_fit += 1
+                continue
+            truncated += shortened
+            ids = torch.tensor(chat.input_ids, dtype=torch.long)
+            labels = ids.clone()
+            labels[: chat.prompt_length] = IGNORE_INDEX
+            band = band_index(parsed.score, bands)
+            examples.append(Example(ids, labels, parsed.score, band, bands[band].weight, parsed.profile_id,
+                                    parsed.article_id, shortened))
+        report = build_report(str(path), examples, bands, truncated, did_not_fit, dict(skipped))
+        return cls(examples, bands, report)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        e = self.examples[index]
+        return {"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "band": e.band}
+
+    @property
+    def band_ids(self) -> list[int]:
+        return [e.band for e in self.examples]
+
+
+def build_report(source: str, examples: Sequence[Example], bands: Sequence[Band], truncated: int = 0,
+                 did_not_fit: int = 0, skipped: dict | None = None) -> DatasetReport:
+    counts = Counter(e.band for e in examples)
+    total = max(len(examples), 1)
+    lengths = np.array([len(e.input_ids) for e in examples] or [0])
+    groups = contrastive_groups(examples)
+    return DatasetReport(
+        source=source,
+        bands=[{"name": b.name, "low": b.low, "high": b.high, "weight": b.weight, "count": counts[i],
+                "raw_pct": 100 * counts[i] / total, "target_pct": 100 * b.target_share}
+               for i, b in enumerate(bands)],
+        profiles=dict(Counter(e.profile_id for e in examples)),
+        token_lengths={f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+        truncated=truncated, did_not_fit=did_not_fit, skipped_lines=dict(skipped or {}),
+        contrastive_groups=len(groups), contrastive_examples=sum(len(g) for g in groups),
+    )
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: input_ids (pad_id), labels (-100) and per-example weights."""
+    longest = max(len(item["input_ids"]) for item in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = item["input_ids"]
+        labels[row, : len(item["labels"])] = item["labels"]
+    weights = torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32)
+    return {"input_ids": ids, "labels": labels, "weight": weights}
