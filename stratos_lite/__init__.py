@@ -14,6 +14,7 @@ from .generate import generate
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
+from .trainer import NonFiniteError, TrainConfig, Trainer, TrainResult
 from .weights import load_model, load_pretrained, save_pretrained
 
 __all__ = [
@@ -27,10 +28,14 @@ __all__ = [
     "DoRALinear",
     "KVCache",
     "Message",
+    "NonFiniteError",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "ScoredDataset",
     "Tokenizer",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
     "adapters_disabled",
     "apply_dora",
     "collate",

@@ -282,7 +282,7 @@ def build_report(source: str, examples: Sequence[Example], bands: Sequence[Band]
 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch: input_ids (pad_id), labels (-100) and per-example weights."""
+    """Right-pad a micro-batch: input_ids (pad_id), labels (-100), per-example weights and true lengths."""
     longest = max(len(item["input_ids"]) for item in items)
     ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
@@ -290,4 +290,5 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, : len(item["input_ids"])] = item["input_ids"]
         labels[row, : len(item["labels"])] = item["labels"]
     weights = torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32)
-    return {"input_ids": ids, "labels": labels, "weight": weights}
+    lengths = torch.tensor([len(item["input_ids"]) for item in items], dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "weight": weights, "lengths": lengths}

@@ -235,8 +235,18 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.initialize_weights()
         # Kept off the module's buffers so that model.to(bfloat16) cannot round the frequencies.
         self._inv_freq, self._attention_factor = rope_frequencies(config)
+
+    @torch.no_grad()
+    def initialize_weights(self, std: float = 0.02) -> None:
+        """Fresh weights as transformers initialises Qwen3: N(0, std) matrices, norms at one."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

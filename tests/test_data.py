@@ -115,6 +115,7 @@ def test_collate_pads_right():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["weight"].tolist() == [2.0, 0.5]
+    assert batch["lengths"].tolist() == [3, 1]
 
 
 def test_demo_rule_and_data_are_deterministic(tmp_path):

@@ -1,0 +1,130 @@
+"""Training checkpoints: written whole or not at all, loaded without unpickling anything.
+
+A checkpoint is a folder `checkpoint-{step:06d}` holding the trainable tensors (`trainable.safetensors`),
+the optimizer's tensors (`optimizer.safetensors`), RNG states (`rng.safetensors`), everything else as
+JSON (`state.json`: step, config, scheduler, sampler position, optimizer hyperparameters, metrics so far),
+and for DoRA models the adapter in PEFT's layout (`adapter/`). It is written under a temporary name and
+renamed when complete, so a kill mid-save leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .dora import dora_layers, save_adapter
+from .model import CheckpointError
+
+PATTERN = re.compile(r"checkpoint-(\d{6})")
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `out_dir`, oldest first."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and PATTERN.fullmatch(p.name))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int, base_model_name_or_path: str = "") -> Path:
+    """Write checkpoint-{step} atomically, then keep only the newest `keep` checkpoints."""
+    out = Path(out_dir)
+    final = out / f"checkpoint-{step:06d}"
+    staging = out / f".checkpoint-{step:06d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()},
+              str(staging / "trainable.safetensors"))
+    optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer)
+    save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+    rng_tensors, rng_json = _rng_tensors()
+    save_file(rng_tensors, str(staging / "rng.safetensors"))
+    (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
+                                                   indent=1))
+    if any(True for _ in dora_layers(model)):
+        save_adapter(model, staging / "adapter", base_model_name_or_path)
+    _fsync_tree(staging)
+    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore trainable tensors, optimizer and RNG states; returns state.json's contents."""
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
+    _load_trainable(folder / "trainable.safetensors", model)
+    optimizer_json = state.pop("optimizer")
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *optimizer_json["scalars"].items()]:
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer_json["param_groups"]})
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state.pop("rng")["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+@torch.no_grad()
+def _load_trainable(path: Path, model: nn.Module) -> None:
+    stored = load_file(str(path))
+    params = trainable_state(model)
+    missing, unexpected = sorted(params.keys() - stored.keys()), sorted(stored.keys() - params.keys())
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise CheckpointError(f"{path}: tensor {name!r} is {'missing' if missing else 'not trainable in this model'}")
+    for name, tensor in stored.items():
+        if tensor.shape != params[name].shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model has {tuple(params[name].shape)}")
+    for name, tensor in stored.items():
+        params[name].copy_(tensor)

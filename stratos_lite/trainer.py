@@ -1,0 +1,405 @@
+"""TrainConfig and Trainer: one visible loop over optimizer steps.
+
+Each step draws its `grad_accum` micro-batches up front and fixes ONE loss denominator for the whole step
+(the number of examples, or the sum of their weights, over all ranks), then backpropagates micro-batch by
+micro-batch. So k micro-batches of b give the gradient of one batch of k x b, whatever their lengths.
+
+    per-example loss = mean token cross-entropy over its completion
+    step loss        = sum(weight x per-example loss) / denominator
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from .data import IGNORE_INDEX, collate
+from .dora import DEFAULT_TARGETS, dora_layers, save_adapter
+from .sampler import BandSampler, format_verification, verify_sampler
+from .training_report import write_training_summary
+
+# Environment flags known to produce NaN gradients (the report lost 7 hours to the first one).
+RISKY_ENV_FLAGS = {
+    "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "experimental AOTriton attention kernels on ROCm: their backward "
+    "gave NaN gradients with DoRA + gradient checkpointing + bf16 on Navi31 (ROCm 6.2)",
+}
+
+
+@dataclass
+class TrainConfig:
+    # What to train on (read by tools/train.py; a script that builds its own model and data may leave them).
+    model: str = ""
+    train_data: str = ""
+    eval_data: str = ""
+    out_dir: str = "runs/train"
+    # Adapter: "dora" wraps the targets; "full" trains every parameter.
+    mode: str = "dora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Data.
+    max_len: int = 1024
+    band_sampling: bool = True
+    loss_denominator: str = "examples"  # or "weights"
+    verify_batches: int = 1000
+    # Optimisation.
+    batch_size: int = 2
+    grad_accum: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.05
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    max_grad_norm: float = 1.0
+    dtype: str = "bfloat16"  # or "float32"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    # Checkpoints, logging, the guard.
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # held-out loss every N steps (0: never)
+    eval_examples: int = 256
+    max_nonfinite_steps: int = 0  # skip up to N non-finite steps instead of stopping
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {"mode": ("dora", "full"), "dtype": ("bfloat16", "float32"),
+                  "loss_denominator": ("examples", "weights")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        return cls.from_dict(values, source=str(path), overrides=overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config", overrides: list[str] = ()) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values)
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            values[key.strip()] = _parse_value(raw.strip())
+        unknown = sorted(values.keys() - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(raw: str):
+    """A --set value as TOML reads it (numbers, booleans, lists, quoted strings), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup from 0 over `warmup` steps, then half a cosine down to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token cross-entropy over each example's completion, (b,), and the completion token counts.
+
+    Only completion positions go through the vocabulary projection (most of a prompt never needs logits)."""
+    targets = batch["labels"][:, 1:]
+    select = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    select[:, :-1] = targets != IGNORE_INDEX
+    logits = model(batch["input_ids"], logits_mask=select)
+    token_losses = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="none")
+    rows = select.nonzero()[:, 0]
+    counts = select.sum(dim=1)
+    sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, rows, token_losses)
+    return sums / counts.clamp_min(1), counts
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient norm; the message holds the diagnosis."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    average_loss: float
+    seconds: float
+    out_dir: Path
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_dataset, config: TrainConfig, eval_dataset=None, pad_id: int = 0):
+        self.model, self.train_dataset, self.config = model, train_dataset, config
+        self.eval_dataset, self.pad_id = eval_dataset, pad_id
+        self.out_dir = Path(config.out_dir)
+        self.rank, self.world_size = _distributed_rank()
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: no parameter requires grad (apply_dora, or mode='full')")
+
+    # -- setup ----------------------------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        per_step = self.config.batch_size * self.config.grad_accum * self.world_size
+        return max(1, math.ceil(self.config.epochs * len(self.train_dataset) / per_step))
+
+    def _sampler(self) -> BandSampler:
+        dataset, config = self.train_dataset, self.config
+        bands = getattr(dataset, "band_ids", None)
+        if config.band_sampling and bands is not None:
+            shares = [b.target_share for b in dataset.bands]
+        else:  # uniform sampling: one band holding every example
+            bands, shares = [0] * len(dataset), [1.0]
+        return BandSampler(bands, shares, seed=config.seed, rank=self.rank, world_size=self.world_size)
+
+    def _verify_sampler(self, sampler: BandSampler) -> None:
+        dataset = self.train_dataset
+        if not (self.config.band_sampling and hasattr(dataset, "bands") and self.config.verify_batches > 0):
+            return
+        result = verify_sampler(sampler, [b.name for b in dataset.bands], [b.target_share for b in dataset.bands],
+                                self.config.verify_batches, self.config.batch_size * self.world_size,
+                                self.out_dir / "sampler_verification.json")
+        self._print(format_verification(result))
+
+    def _print(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def _autocast(self):
+        if self.config.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for flag, why in RISKY_ENV_FLAGS.items():
+            if os.environ.get(flag, "0") not in ("", "0"):
+                self._print(f"WARNING: {flag}={os.environ[flag]} is set: {why}. Unset it if gradients go NaN.")
+        if hasattr(self.model, "set_gradient_checkpointing"):
+            self.model.set_gradient_checkpointing(config.gradient_checkpointing)
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                      weight_decay=config.weight_decay)
+        total = self.total_steps()
+        warmup = math.ceil(config.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+        sampler = self._sampler()
+        step, metrics, skipped = self._resume(optimizer, scheduler, sampler)
+        if step == 0:
+            self._verify_sampler(sampler)
+        model = self.model.train()
+        if self.world_size > 1:  # wrapped after resuming, so every rank starts from the same restored weights
+            model = nn.parallel.DistributedDataParallel(model)
+        draw = iter(sampler)
+        bar = tqdm(total=total, initial=step, desc="train", disable=not config.progress or self.rank != 0,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        while step < total:
+            t0 = time.perf_counter()
+            micro_batches = [collate([self.train_dataset[next(draw)] for _ in range(config.batch_size)], self.pad_id)
+                             for _ in range(config.grad_accum)]
+            lr = scheduler.get_last_lr()[0]
+            loss, grad_norm, tokens = self._step(model, micro_batches, optimizer)
+            step += 1
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                      "step_seconds": time.perf_counter() - t0}
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                skipped += 1
+                record["skipped"] = True
+                if skipped > config.max_nonfinite_steps:
+                    self._stop_nonfinite(step, loss, grad_norm, micro_batches)
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if config.eval_every and self.eval_dataset is not None and step % config.eval_every == 0:
+                record["eval_loss"] = self.evaluate_loss()
+            metrics.append(record)
+            self._log(record, bar)
+            if step % config.save_every == 0 or step == total:
+                self._save(step, optimizer, scheduler, sampler, metrics, skipped)
+        bar.close()
+        return self._finish(metrics, time.perf_counter() - start)
+
+    def _step(self, model: nn.Module, micro_batches: list[dict], optimizer) -> tuple[float, float, int]:
+        """Forward/backward every micro-batch against one denominator; clip; step unless non-finite."""
+        config = self.config
+        weights = torch.cat([mb["weight"] for mb in micro_batches])
+        denominator = torch.tensor(float(len(weights)) if config.loss_denominator == "examples"
+                                   else float(weights.sum()), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(denominator)  # the step's denominator covers every rank's examples
+        loss_total = torch.zeros((), device=self.device)
+        tokens = 0
+        for index, mb in enumerate(micro_batches):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            last = index == len(micro_batches) - 1
+            sync = model.no_sync() if self.world_size > 1 and not last else nullcontext()
+            with sync, self._autocast():
+                per_example, _ = example_losses(model, mb)
+                loss = (per_example * mb["weight"]).sum() / denominator
+            # DDP averages gradients over ranks; scaling by world size turns that average into the global sum.
+            (loss * self.world_size).backward()
+            loss_total += loss.detach()
+            tokens += int(mb["lengths"].sum())
+        if self.world_size > 1:
+            dist.all_reduce(loss_total)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)  # norm before clipping
+        if bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm)):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # else: a non-finite step never reaches the weights; its gradients stay for the diagnosis.
+        return float(loss_total), float(grad_norm), tokens
+
+    def _log(self, record: dict, bar) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.2f}",
+                        tok_s=f"{record['tokens'] / record['step_seconds']:.0f}")
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> float:
+        """Weighted held-out loss over the first `eval_examples` of the eval set (no generation)."""
+        dataset, config = self.eval_dataset, self.config
+        indices = list(range(min(len(dataset), config.eval_examples)))
+        was_training = self.model.training
+        self.model.eval()
+        total, weight_sum = 0.0, 0.0
+        for start in range(0, len(indices), config.batch_size):
+            batch = collate([dataset[i] for i in indices[start:start + config.batch_size]], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                per_example, _ = example_losses(self.model, batch)
+            total += float((per_example * batch["weight"]).sum())
+            weight_sum += float(batch["weight"].sum())
+        self.model.train(was_training)
+        return total / max(weight_sum, 1e-12)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def _save(self, step, optimizer, scheduler, sampler, metrics, skipped) -> None:
+        if self.rank == 0:
+            state = {"step": step, "config": self.config.to_dict(), "scheduler": scheduler.state_dict(),
+                     "sampler": sampler.state_dict(), "nonfinite_skipped": skipped, "metrics": metrics}
+            save_checkpoint(self.out_dir, step, self.model, optimizer, state, self.config.keep_checkpoints,
+                            self.config.model)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _resume(self, optimizer, scheduler, sampler) -> tuple[int, list[dict], int]:
+        found = checkpoints(self.out_dir)
+        if not found:
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return 0, [], 0
+        state = load_checkpoint(found[-1], self.model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler_state = dict(state["sampler"], rank=self.rank)
+        sampler.load_state_dict(sampler_state)
+        metrics = state["metrics"]
+        if self.rank == 0:  # forget logged steps after the checkpoint: they are about to be redone
+            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        self._print(f"resuming from {found[-1]} (step {state['step']})")
+        return state["step"], metrics, state["nonfinite_skipped"]
+
+    def _finish(self, metrics: list[dict], seconds: float) -> TrainResult:
+        if self.rank == 0:
+            if any(True for _ in dora_layers(self.model)):
+                save_adapter(self.model, self.out_dir / "adapter", self.config.model)
+            summary = write_training_summary(metrics, self.out_dir, self.config)
+            tqdm.write(summary)
+        finite = [m["loss"] for m in metrics if math.isfinite(m["loss"])]
+        return TrainResult(len(metrics), metrics[-1]["loss"] if metrics else float("nan"),
+                           sum(finite) / max(len(finite), 1), seconds, self.out_dir)
+
+    # -- the NaN guard --------------------------------------------------------------------------------------
+
+    def _stop_nonfinite(self, step, loss, grad_norm, micro_batches) -> None:
+        lines = [f"step {step}: loss {loss}, gradient norm {grad_norm}; the update was not applied."]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad_param = next((names[id(p)] for p in self.params if p.grad is not None
+                          and not torch.isfinite(p.grad).all()), None)
+        if bad_param is not None:
+            lines.append(f"first parameter with a non-finite gradient: {bad_param}")
+        module = self._first_nonfinite_module(micro_batches)
+        lines.append(f"first module whose output went non-finite: {module}" if module else
+                     "no module output was non-finite when the step's micro-batches were re-run forward")
+        flags = [f"{k}={os.environ[k]} ({why})" for k, why in RISKY_ENV_FLAGS.items()
+                 if os.environ.get(k, "0") not in ("", "0")]
+        lines.append("environment flags known to cause this: " + ("; ".join(flags) if flags else "none set"))
+        diagnosis = "\n".join(lines)
+        if self.rank == 0:
+            (self.out_dir / "nonfinite_diagnosis.txt").write_text(diagnosis + "\n")
+            if any(True for _ in dora_layers(self.model)):  # the weights are still finite: keep them
+                save_adapter(self.model, self.out_dir / "adapter", self.config.model)
+        raise NonFiniteError(diagnosis)
+
+    @torch.no_grad()
+    def _first_nonfinite_module(self, micro_batches: list[dict]) -> str | None:
+        """Re-run the step's micro-batches forward with hooks; the first module (in execution order) whose
+        output holds a NaN or Inf is where the trouble starts."""
+        found: list[str] = []
+
+        def hook(name):
+            def check(module, args, output):
+                if not found and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+                    found.append(name)
+            return check
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
+        try:
+            for mb in micro_batches:
+                with self._autocast():
+                    self.model(mb["input_ids"].to(self.device))
+                if found:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+        return found[0] if found else None
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when torchrun started this process, else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,256 @@
+"""The training loop: exact accumulation, LR schedule (oracle: transformers), resume after SIGKILL,
+atomic checkpoints, the NaN guard, DDP with torchrun, and learning on the demo data."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from train_child import build
+
+import stratos_lite as sl
+from stratos_lite import checkpoint as checkpoint_module
+from stratos_lite.checkpoint import checkpoints
+from stratos_lite.data import collate
+from stratos_lite.demo import make_demo_data
+from stratos_lite.trainer import NonFiniteError, TrainConfig, Trainer, cosine_with_warmup
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_data(folder, train_articles=24, eval_articles=4, vocab_size=600)
+    return folder
+
+
+def quick_config(out_dir, **overrides) -> TrainConfig:
+    values = dict(out_dir=str(out_dir), batch_size=2, grad_accum=2, lr=1e-3, max_steps=6, save_every=3,
+                  dtype="float32", verify_batches=0, progress=False, gradient_checkpointing=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+class GradientRecorder:
+    """Stands in for the optimizer so the accumulated gradients stay in place to be compared."""
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
+def test_accumulation_is_exact(demo_dir):
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # non-zero B, so every adapter tensor gets a gradient
+    # Unequal completion lengths and weights: trim labels differently per example and vary the weights.
+    items = [dataset[i] for i in range(8)]
+    for k, item in enumerate(items):
+        item["labels"] = item["labels"].clone()
+        item["labels"][-(3 + 5 * k):] = -100 if k % 2 else item["labels"][-(3 + 5 * k):]
+        item["weight"] = 0.5 + k
+    grads = {}
+    for batch, accum in [(8, 1), (2, 4), (1, 8)]:
+        model.zero_grad(set_to_none=True)
+        trainer = Trainer(model, dataset, quick_config("/tmp/unused", batch_size=batch, grad_accum=accum,
+                                                       max_grad_norm=1e9), pad_id=tok.pad_id)
+        micro = [collate(items[i:i + batch], tok.pad_id) for i in range(0, 8, batch)]
+        trainer._step(model, micro, GradientRecorder())
+        grads[(batch, accum)] = [p.grad.clone() for p in trainer.params]
+    for other in [(2, 4), (1, 8)]:
+        for a, b in zip(grads[(8, 1)], grads[other], strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    # And the loss is the definition, computed here the plain way: full logits, per-example token mean.
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for item in items:
+        logits = model(item["input_ids"][None])[0, :-1]
+        target = item["labels"][1:]
+        total = total + item["weight"] * F.cross_entropy(logits[target != -100], target[target != -100])
+    (total / 8).backward()
+    for a, p in zip(grads[(8, 1)], trainer.params, strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_lr_schedule_matches_transformers(demo_dir, tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    for total, ratio in [(37, 0.05), (10, 0.3), (5, 0.0)]:
+        warmup = math.ceil(ratio * total)
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
+        hf = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        expected = []
+        for _ in range(total):
+            expected.append(hf.get_last_lr()[0])
+            optimizer.step()
+            hf.step()
+        ours = [2e-4 * cosine_with_warmup(s, warmup, total) for s in range(total)]
+        assert ours == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+    # The trainer logs the lr each step used; it follows the same schedule.
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    Trainer(model, dataset, quick_config(tmp_path, max_steps=10, warmup_ratio=0.3, lr=2e-4), pad_id=tok.pad_id).train()
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([2e-4 * cosine_with_warmup(s, 3, 10) for s in range(10)], rel=1e-12)
+
+
+def child(data_dir, out_dir, *extra, slow=False):
+    args = [sys.executable, str(HERE / "train_child.py"), str(data_dir), str(out_dir), *extra]
+    return args + (["--slow"] if slow else [])
+
+
+def final_adapter(out_dir) -> dict:
+    return load_file(str(Path(out_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_after_sigkill_is_bitwise_identical(demo_dir, tmp_path):
+    subprocess.run(child(demo_dir, tmp_path / "straight"), check=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(child(demo_dir, interrupted, slow=True))
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint-000004").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert [p.name for p in checkpoints(interrupted)][-1] == "checkpoint-000004"
+    assert not (interrupted / "adapter").exists()  # it really died before the end
+    subprocess.run(child(demo_dir, interrupted), check=True)
+    straight, resumed = final_adapter(tmp_path / "straight"), final_adapter(interrupted)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    lines = (interrupted / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+
+
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_path, monkeypatch):
+    model, dataset, tok = build(str(demo_dir), dropout=0.1)
+    Trainer(model, dataset, quick_config(tmp_path / "straight"), pad_id=tok.pad_id).train()
+
+    calls = {"n": 0}
+    real = checkpoint_module._fsync_tree
+
+    def dies_on_second_save(folder):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        real(folder)
+
+    monkeypatch.setattr(checkpoint_module, "_fsync_tree", dies_on_second_save)
+    model, dataset, tok = build(str(demo_dir), dropout=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-000003"]
+    monkeypatch.setattr(checkpoint_module, "_fsync_tree", real)
+    model, dataset, tok = build(str(demo_dir), dropout=0.1)
+    Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
+    straight, resumed = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_nan_guard_stops_with_diagnosis(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", "1")
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * float("nan"))
+    with pytest.raises(NonFiniteError) as error:
+        Trainer(model, dataset, quick_config(tmp_path), pad_id=tok.pad_id).train()
+    message = str(error.value)
+    assert "step 1" in message
+    assert "first module whose output went non-finite: model.layers.1.mlp" in message
+    assert "first parameter with a non-finite gradient: model.layers.0.self_attn.q_proj.lora_A" in message
+    assert "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1" in message
+    assert (tmp_path / "nonfinite_diagnosis.txt").read_text().strip() == message
+    adapter = final_adapter(tmp_path)
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_nan_guard_can_skip_steps(demo_dir, tmp_path):
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    calls = {"n": 0}
+
+    def poison_third_forward(module, args, out):
+        calls["n"] += 1
+        return out * float("inf") if calls["n"] == 3 else out
+
+    model.model.layers[0].self_attn.register_forward_hook(poison_third_forward)
+    result = Trainer(model, dataset, quick_config(tmp_path, max_nonfinite_steps=1), pad_id=tok.pad_id).train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 6 and [r.get("skipped", False) for r in rows] == [False, True] + [False] * 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ddp_two_processes_match_one_with_the_same_global_batch(demo_dir, tmp_path):
+    subprocess.run(child(demo_dir, tmp_path / "single", "--batch-size", "4", "--dropout", "0", "--steps", "4"),
+                   check=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    args = child(demo_dir, tmp_path / "ddp", "--batch-size", "2", "--dropout", "0", "--steps", "4")
+    subprocess.run(launcher + args[1:], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    single, ddp = final_adapter(tmp_path / "single"), final_adapter(tmp_path / "ddp")
+    assert all(torch.allclose(single[k], ddp[k], rtol=1e-5, atol=1e-6) for k in single)
+
+
+def test_loss_goes_down_on_demo_data(demo_dir, tmp_path):
+    tok = sl.Tokenizer.from_pretrained(demo_dir / "tokenizer")
+    dataset = sl.ScoredDataset.from_jsonl(demo_dir / "train.jsonl", tok, max_len=256)
+    torch.manual_seed(0)
+    model = sl.Qwen3ForCausalLM(sl.Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=16))
+    config = quick_config(tmp_path, mode="full", max_steps=30, lr=3e-3, batch_size=4, save_every=100,
+                          gradient_checkpointing=True, eval_every=10, eval_examples=8)
+    Trainer(model, dataset, config, eval_dataset=dataset, pad_id=tok.pad_id).train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.5 * first
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (tmp_path / "loss_curve.svg").read_text().startswith("<svg")
+    assert "average training loss" in (tmp_path / "summary.md").read_text()
+
+
+def test_config_from_toml_with_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('lr = 2e-5\nbatch_size = 4\ntargets = ["q_proj", "v_proj"]\n')
+    config = TrainConfig.from_toml(path, ["grad_accum=4", "dtype=float32", "gradient_checkpointing=false",
+                                          "out_dir=runs/x"])
+    assert (config.lr, config.batch_size, config.grad_accum, config.dtype) == (2e-5, 4, 4, "float32")
+    assert config.targets == ["q_proj", "v_proj"] and config.gradient_checkpointing is False
+    assert config.out_dir == "runs/x"
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        TrainConfig.from_toml(path, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        TrainConfig.from_toml(path, ["dtype=fp8"])
+
+
+def test_v2_scorer_recipe_is_one_config_file():
+    config = TrainConfig.from_toml(HERE.parent / "configs" / "v2_scorer.toml")
+    assert (config.rank, config.alpha, config.dropout, config.batch_size, config.grad_accum) == (16, 32, 0.05, 2, 8)
+    assert (config.lr, config.warmup_ratio, config.max_grad_norm, config.max_len) == (1e-5, 0.05, 1.0, 1024)
+    assert config.gradient_checkpointing and config.dtype == "bfloat16" and config.epochs == 1
+    assert config.save_every == 200 and len(config.targets) == 7
+
+
+def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    sl.merge_dora(model)
+    sl.save_pretrained(model, tok, tmp_path / "base")
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "{tmp_path / "base"}"\ntrain_data = "{demo_dir / "train.jsonl"}"\n'
+                      f'out_dir = "{tmp_path / "out"}"\nrank = 2\nalpha = 4\nmax_len = 256\n')
+    subprocess.run([sys.executable, str(HERE.parent / "tools" / "train.py"), "--config", str(config),
+                    "--set", "max_steps=2", "--set", "verify_batches=10", "--set", "progress=false"], check=True)
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "out" / "sampler_verification.json").read_text())["batches"] == 10
+    assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-000002"]

@@ -1,0 +1,57 @@
+"""A small training run in its own process (for the kill/resume and torchrun tests).
+
+    python tests/train_child.py DATA_DIR OUT_DIR [--slow] [--batch-size B] [--dropout P] [--steps N]
+"""
+
+import argparse
+import time
+
+import torch
+
+import stratos_lite as sl
+from stratos_lite.trainer import TrainConfig, Trainer
+
+
+class SlowDataset(torch.utils.data.Dataset):
+    """Sleeps on every item, so the parent has time to kill the run between two checkpoints."""
+
+    def __init__(self, dataset):
+        self.dataset, self.bands, self.band_ids = dataset, dataset.bands, dataset.band_ids
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        time.sleep(0.02)
+        return self.dataset[index]
+
+
+def build(data_dir: str, dropout: float):
+    tokenizer = sl.Tokenizer.from_pretrained(f"{data_dir}/tokenizer")
+    dataset = sl.ScoredDataset.from_jsonl(f"{data_dir}/train.jsonl", tokenizer, max_len=256)
+    config = sl.Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = sl.Qwen3ForCausalLM(config)
+    sl.apply_dora(model, rank=4, alpha=8, dropout=dropout)
+    return model, dataset, tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, dataset, tokenizer = build(args.data_dir, args.dropout)
+    config = TrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=2, lr=1e-3, max_steps=args.steps,
+                         save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False)
+    Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
+
+
+if __name__ == "__main__":
+    main()

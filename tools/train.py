@@ -1,0 +1,46 @@
+"""Train a DoRA adapter (or the whole model) on scored JSONL data.
+
+    python tools/train.py --config configs/v2_scorer.toml [--set key=value ...]
+    torchrun --nproc_per_node N tools/train.py --config FILE      # data parallel
+
+Resumes from the newest checkpoint in out_dir when there is one.
+"""
+
+import argparse
+import os
+
+import torch
+
+import stratos_lite as sl
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():  # ROCm builds answer here too
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def train_from_config(config: sl.TrainConfig) -> sl.TrainResult:
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" and config.mode == "dora" else torch.float32
+    model, tokenizer = sl.load_pretrained(config.model, dtype=dtype, device=device())
+    if config.mode == "dora":
+        print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets))
+    train = sl.ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
+    print(train.report.to_markdown())
+    evaluation = (sl.ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)
+                  if config.eval_data and config.eval_every else None)
+    return sl.Trainer(model, train, config, eval_dataset=evaluation, pad_id=tokenizer.pad_id).train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a TOML file of TrainConfig settings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (repeatable), e.g. --set lr=2e-5")
+    args = parser.parse_args()
+    result = train_from_config(sl.TrainConfig.from_toml(args.config, args.set))
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
