@@ -222,3 +222,17 @@ def test_inference_path_equals_training_path():
     with torch.no_grad():
         layer.lora_magnitude.mul_(2)  # a changed magnitude must invalidate the folded terms
         assert torch.allclose(layer(x), 2 * fast, atol=1e-5)
+
+
+def test_adapter_dropout_keeps_the_right_share_and_rescales():
+    from stratos_lite.dora import adapter_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500)
+    dropped, rescale = adapter_dropout(x, 0.1)
+    kept = (dropped != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005 and rescale == pytest.approx(1 / 0.9)
+    assert abs((dropped * rescale).mean().item() - 1.0) < 0.01  # unbiased, like F.dropout
+    torch.manual_seed(0)
+    assert torch.equal(adapter_dropout(x, 0.1)[0], dropped)  # reproducible from the RNG state
+    assert adapter_dropout(x, 0.0) == (x, 1.0)

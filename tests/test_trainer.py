@@ -243,7 +243,7 @@ def test_v2_scorer_recipe_is_one_config_file():
 
 
 def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
-    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    model, _, tok = build(str(demo_dir), dropout=0.0)
     sl.merge_dora(model)
     sl.save_pretrained(model, tok, tmp_path / "base")
     config = tmp_path / "run.toml"
