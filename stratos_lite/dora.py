@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .model import CheckpointError
+from .tokenizer import Tokenizer
+from .weights import load_pretrained
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -300,3 +302,14 @@ def load_adapter(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
     for key, tensor in tensors.items():
         expected[key].copy_(tensor)
     return summarize(model, len(layers))
+
+
+def load_pretrained_with_adapter(path: str | Path, adapter: str | Path | None = None,
+                                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+                                 ) -> tuple[nn.Module, Tokenizer]:
+    """An HF model folder, with a PEFT DoRA adapter on top when one is given (left unmerged)."""
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+    if adapter:
+        load_adapter(model, adapter)
+        model.to(device)
+    return model, tokenizer
