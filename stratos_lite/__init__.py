@@ -11,6 +11,7 @@ from .dora import (
     save_adapter,
 )
 from .generate import generate
+from .gguf_export import ExportError, export_gguf, export_gguf_from_folder
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
@@ -26,6 +27,7 @@ __all__ = [
     "DataError",
     "DatasetReport",
     "DoRALinear",
+    "ExportError",
     "KVCache",
     "Message",
     "NonFiniteError",
@@ -39,6 +41,8 @@ __all__ = [
     "adapters_disabled",
     "apply_dora",
     "collate",
+    "export_gguf",
+    "export_gguf_from_folder",
     "generate",
     "load_adapter",
     "load_model",

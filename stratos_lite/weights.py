@@ -85,6 +85,14 @@ def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype) -> Iterator
             yield name, torch.frombuffer(buffer, dtype=source).view(info["shape"])
 
 
+def checkpoint_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype the checkpoint's tensors are stored in (that of its first tensor)."""
+    shard = next(iter(checkpoint_shards(Path(folder))))
+    with open(shard, "rb") as file:
+        header, _ = _read_header(file)
+    return _SAFETENSORS_DTYPES[next(iter(header.values()))["dtype"]]
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu") -> Qwen3ForCausalLM:
     """Qwen3ForCausalLM with the weights of an HF folder, cast to `dtype` on `device`."""

@@ -1,0 +1,272 @@
+"""Write a Qwen3 model straight to GGUF (f32, f16, bf16 or q8_0) for llama.cpp and Ollama, in one pass.
+
+Tensor by tensor: each weight is taken from the model (DoRA layers merged on the fly), quantized, written
+and dropped before the next is made, so memory stays near the model plus one tensor. The `gguf` package
+provides the container and its constants; q8_0 is computed here in torch, byte-identical to
+`gguf.quants.quantize`. The file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from .dora import DoRALinear
+from .model import Qwen3ForCausalLM
+from .tokenizer import Tokenizer
+
+QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+Q8_BLOCK = 32
+# torch module path inside a decoder layer -> GGUF tensor name (llama.cpp's qwen3 names).
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+class ExportError(ValueError):
+    """The model cannot be written as a GGUF llama.cpp would load; nothing was written."""
+
+
+# q8_0 -----------------------------------------------------------------------------------------------------
+
+def quantize_q8_0(weight: torch.Tensor, chunk_values: int = 1 << 19) -> np.ndarray:
+    """Q8_0 blocks of a 2-D weight as bytes (rows, cols / 32 * 34): per block of 32 values, fp16
+    d = max|x| / 127 and q = round-half-away-from-zero(x * (1/d)) as int8, in the same fp32 arithmetic as
+    gguf-py (floor(|v|) + floor(2 frac|v|), signed), so the bytes are identical.
+
+    Works through chunks of about `chunk_values` values (2 MB in fp32, which stays in cache here; much
+    smaller chunks pay per-op overhead, much larger ones spill and run 4x slower), in place where possible."""
+    rows, cols = weight.shape
+    if cols % Q8_BLOCK:
+        raise ExportError(f"q8_0 needs rows of a multiple of {Q8_BLOCK} values, got {cols}")
+    out = np.empty((rows, cols // Q8_BLOCK * 34), dtype=np.uint8)
+    out_view = torch.from_numpy(out)
+    step = max(1, chunk_values // cols)
+    for start in range(0, rows, step):
+        x = weight[start:start + step].float().reshape(-1, Q8_BLOCK)
+        d = x.abs().amax(dim=1, keepdim=True) / 127
+        scaled = (x * torch.where(d == 0, 0.0, 1.0 / d)).abs_()  # the fp32 inverse, not the fp16-rounded d
+        whole = scaled.floor()
+        q = scaled.sub_(whole).mul_(2).floor_().add_(whole).copysign_(x).to(torch.int8)
+        blocks = out_view[start:start + step].view(-1, 34)  # rows are contiguous: a view into `out`
+        blocks[:, :2] = d.to(torch.float16).view(torch.uint8)
+        blocks[:, 2:] = q.view(torch.uint8)
+    return out
+
+
+# the tensor plan ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]  # produces the (merged) weight when its turn to be written comes
+    quantizable: bool  # a matrix (quantized per the file type); 1-D norms always stay f32
+
+
+def _weight_of(module: nn.Module) -> Callable[[], torch.Tensor]:
+    if isinstance(module, DoRALinear):
+        return module.merged_weight
+    return lambda: module.weight.detach()
+
+
+def tensor_plan(model: Qwen3ForCausalLM) -> list[PlannedTensor]:
+    config, body = model.config, model.model
+    plan = [PlannedTensor("token_embd.weight", tuple(body.embed_tokens.weight.shape), _weight_of(body.embed_tokens),
+                          True)]
+    for index, layer in enumerate(body.layers):
+        for path, gguf_name in LAYER_TENSORS.items():
+            module = layer.get_submodule(path)
+            weight = module.base_layer.weight if isinstance(module, DoRALinear) else module.weight
+            plan.append(PlannedTensor(f"blk.{index}.{gguf_name}.weight", tuple(weight.shape), _weight_of(module),
+                                      weight.dim() == 2))
+    plan.append(PlannedTensor("output_norm.weight", tuple(body.norm.weight.shape), _weight_of(body.norm), False))
+    if not config.tie_word_embeddings:
+        plan.append(PlannedTensor("output.weight", tuple(model.lm_head.weight.shape), _weight_of(model.lm_head),
+                                  True))
+    expected = 2 + len(LAYER_TENSORS) * config.num_hidden_layers + (0 if config.tie_word_embeddings else 1)
+    if len(plan) != expected:  # llama.cpp refuses a file whose tensor count differs ("wrong number of tensors")
+        raise ExportError(f"planned {len(plan)} tensors, llama.cpp expects {expected} for this config")
+    return plan
+
+
+def _encode(tensor: torch.Tensor, quant: str, quantizable: bool) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """The bytes to write for one tensor, and their GGML type."""
+    if not quantizable or quant == "f32":
+        return tensor.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
+    if quant == "f16":
+        return tensor.to(torch.float16).contiguous().numpy(), gguf.GGMLQuantizationType.F16
+    if quant == "bf16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
+    if tensor.shape[-1] % Q8_BLOCK:  # as llama.cpp's converter does: rows that do not block stay f16
+        return tensor.to(torch.float16).contiguous().numpy(), gguf.GGMLQuantizationType.F16
+    return quantize_q8_0(tensor), gguf.GGMLQuantizationType.Q8_0
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _planned_type(tensor: PlannedTensor, quant: str) -> gguf.GGMLQuantizationType:
+    if not tensor.quantizable or quant == "f32":
+        return gguf.GGMLQuantizationType.F32
+    if quant == "q8_0" and tensor.shape[-1] % Q8_BLOCK == 0:
+        return gguf.GGMLQuantizationType.Q8_0
+    return gguf.GGMLQuantizationType.BF16 if quant == "bf16" else gguf.GGMLQuantizationType.F16
+
+
+# metadata -------------------------------------------------------------------------------------------------
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, quant: str, name: str) -> None:
+    c = model.config
+    writer.add_name(name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)  # without these llama.cpp assumes hidden / heads, wrong for Qwen3
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if c.rope_scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(c.rope_scaling["factor"])
+        original = c.rope_scaling.get("original_max_position_embeddings") or c.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_file_type(QUANTS[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
+    """Token strings for ids 0..rows-1 (padded with [PAD{i}]), their GGUF token types, and the merges."""
+    spec = json.loads(tokenizer.backend.to_str())
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    if tokenizer.vocab_size > rows:
+        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {rows} rows")
+    tokens, types = [], []
+    for index in range(rows):
+        token = tokenizer.backend.id_to_token(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            control = added[index].get("special") or (token.startswith("<|") and token.endswith("|>"))
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, rows: int) -> None:
+    tokens, types, merges = vocabulary(tokenizer, rows)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_add_bos_token(False)  # ChatML prompts start with <|im_start|>; Ollama would otherwise add one
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+MODELFILE_TEMPLATE = '''FROM ./{gguf_name}
+TEMPLATE """{{{{- if .System }}}}<|im_start|>system
+{{{{ .System }}}}<|im_end|>
+{{{{ end }}}}{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}
+{{{{ .Content }}}}<|im_end|>
+{{{{ end }}}}<|im_start|>assistant
+"""
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "<|endoftext|>"
+PARAMETER temperature 0
+'''
+
+
+def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
+    """An Ollama Modelfile beside the GGUF (ChatML template, stop tokens, greedy), for `ollama create`."""
+    text = MODELFILE_TEMPLATE.format(gguf_name=gguf_path.name)
+    if system:
+        text += f'SYSTEM """{system}"""\n'
+    path = gguf_path.with_name("Modelfile")
+    path.write_text(text)
+    return path
+
+
+# the export -----------------------------------------------------------------------------------------------
+
+def _stream(plan: list[PlannedTensor], quant: str) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+    for planned in plan:
+        tensor = planned.make()
+        if not torch.isfinite(tensor).all():
+            raise ExportError(f"tensor {planned.name} holds NaN or Inf values; nothing was written")
+        data, _ = _encode(tensor, quant, planned.quantizable)
+        del tensor
+        yield planned, data
+
+
+@torch.no_grad()
+def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path, quant: str = "q8_0",
+                name: str = "stratos-qwen3", system_prompt: str | None = None, modelfile: bool = True) -> Path:
+    """Write `model` (DoRA layers merged tensor by tensor) and its tokenizer to a GGUF file at `path`."""
+    if quant not in QUANTS:
+        raise ExportError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if not isinstance(model, Qwen3ForCausalLM):
+        raise ExportError(f"only Qwen3ForCausalLM exports (architecture qwen3), got {type(model).__name__}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    plan = tensor_plan(model)
+    writer = gguf.GGUFWriter(staging, "qwen3")
+    try:
+        _add_hyperparameters(writer, model, quant, name)
+        _add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        for planned in plan:
+            qtype = _planned_type(planned, quant)
+            writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned.shape, qtype),
+                                   raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data in _stream(plan, quant):
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(staging, target)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    if modelfile:
+        write_modelfile(target, system_prompt)
+    return target
+
+
+def export_gguf_from_folder(model_dir: str | Path, path: str | Path, adapter: str | Path | None = None,
+                            quant: str = "q8_0", **options) -> Path:
+    """The same from an HF folder (and an optional DoRA adapter, merged tensor by tensor while writing).
+    The weights are memory-mapped in their stored dtype, so nothing is converted ahead of time."""
+    from .dora import load_pretrained_with_adapter
+    from .weights import checkpoint_dtype
+
+    model, tokenizer = load_pretrained_with_adapter(model_dir, adapter, dtype=checkpoint_dtype(model_dir))
+    return export_gguf(model, tokenizer, path, quant, **options)
