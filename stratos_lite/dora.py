@@ -34,6 +34,13 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
+BLOCK_VALUES = 1 << 19  # ~2 MB of fp32: a block of rows that stays in cache while it is merged or quantized
+
+
+def rows_per_block(cols: int) -> int:
+    return max(1, BLOCK_VALUES // cols)
+
+
 def adapter_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Dropout for the adapter path, as (kept input, factor the caller applies to the rank-sized result).
 
@@ -135,12 +142,22 @@ class DoRALinear(nn.Module):
         return (combined * scale).view(out.shape)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """m / ||W + s B A|| * (W + s B A), computed in fp32 and cast back to W's dtype."""
+    def merged_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of the merged weight m / ||W + s B A|| * (W + s B A), computed in fp32 and cast to
+        W's dtype. Each row needs only itself, so a writer can merge a large layer a cache-sized block at a
+        time instead of materialising it (the GGUF export does)."""
         weight = self.base_layer.weight
-        combined = weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        norm = torch.linalg.vector_norm(combined, dim=1, keepdim=True)
-        return (self.lora_magnitude.float()[:, None] / norm * combined).to(weight.dtype)
+        combined = weight[start:end].float() + self.scaling * (self.lora_B[start:end].float() @ self.lora_A.float())
+        scale = self.lora_magnitude[start:end].float()[:, None] / torch.linalg.vector_norm(combined, dim=1,
+                                                                                          keepdim=True)
+        return combined.mul_(scale).to(weight.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The whole merged weight, built from the same row blocks a streaming writer uses, so both give
+        identical values."""
+        rows, cols = self.base_layer.weight.shape
+        step = rows_per_block(cols)
+        return torch.cat([self.merged_rows(start, start + step) for start in range(0, rows, step)])
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}"

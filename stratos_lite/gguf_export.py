@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dora import DoRALinear
+from .dora import DoRALinear, rows_per_block
 from .model import Qwen3ForCausalLM
 from .tokenizer import Tokenizer
 
@@ -41,28 +41,58 @@ class ExportError(ValueError):
 
 # q8_0 -----------------------------------------------------------------------------------------------------
 
-def quantize_q8_0(weight: torch.Tensor, chunk_values: int = 1 << 19) -> np.ndarray:
+class RowBlocks:
+    """A 2-D weight handed out a block of rows at a time: a plain tensor's rows, or a DoRA layer's merged
+    rows, computed only when the writer reaches them."""
+
+    def __init__(self, shape: tuple[int, ...], rows: Callable[[int, int], torch.Tensor], block_rows: int = 0):
+        self.shape, self.rows = shape, rows
+        # DoRA merges use the same blocks (dora.rows_per_block), so streamed and merged values agree bit for bit.
+        self.block_rows = block_rows or (rows_per_block(shape[-1]) if len(shape) == 2 else shape[0])
+
+    @classmethod
+    def of_tensor(cls, tensor: torch.Tensor, block_rows: int = 0) -> RowBlocks:
+        return cls(tuple(tensor.shape), lambda start, end: tensor[start:end], block_rows)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> RowBlocks:
+        if isinstance(module, DoRALinear):
+            return cls(tuple(module.base_layer.weight.shape), module.merged_rows)
+        return cls.of_tensor(module.weight.detach())
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, self.shape[0], self.block_rows):
+            yield start, self.rows(start, start + self.block_rows)
+
+    def whole(self) -> torch.Tensor:
+        return torch.cat([block for _, block in self.blocks()])
+
+
+def quantize_q8_0(weight: torch.Tensor | RowBlocks) -> np.ndarray:
     """Q8_0 blocks of a 2-D weight as bytes (rows, cols / 32 * 34): per block of 32 values, fp16
     d = max|x| / 127 and q = round-half-away-from-zero(x * (1/d)) as int8, in the same fp32 arithmetic as
     gguf-py (floor(|v|) + floor(2 frac|v|), signed), so the bytes are identical.
 
-    Works through chunks of about `chunk_values` values (2 MB in fp32, which stays in cache here; much
-    smaller chunks pay per-op overhead, much larger ones spill and run 4x slower), in place where possible."""
-    rows, cols = weight.shape
+    Works through blocks of rows of about 2 MB in fp32, which stay in cache here (much smaller blocks pay
+    per-op overhead, much larger ones spill and run 4x slower), in place where possible. A NaN or Inf
+    raises ExportError (it shows in the block maxima, 1/32 of the data to check)."""
+    source = weight if isinstance(weight, RowBlocks) else RowBlocks.of_tensor(weight)
+    rows, cols = source.shape
     if cols % Q8_BLOCK:
         raise ExportError(f"q8_0 needs rows of a multiple of {Q8_BLOCK} values, got {cols}")
     out = np.empty((rows, cols // Q8_BLOCK * 34), dtype=np.uint8)
     out_view = torch.from_numpy(out)
-    step = max(1, chunk_values // cols)
-    for start in range(0, rows, step):
-        x = weight[start:start + step].float().reshape(-1, Q8_BLOCK)
+    for start, block in source.blocks():
+        x = block.float().reshape(-1, Q8_BLOCK)
         d = x.abs().amax(dim=1, keepdim=True) / 127
+        if not torch.isfinite(d).all():
+            raise ExportError("non-finite value (NaN or Inf)")
         scaled = (x * torch.where(d == 0, 0.0, 1.0 / d)).abs_()  # the fp32 inverse, not the fp16-rounded d
         whole = scaled.floor()
         q = scaled.sub_(whole).mul_(2).floor_().add_(whole).copysign_(x).to(torch.int8)
-        blocks = out_view[start:start + step].view(-1, 34)  # rows are contiguous: a view into `out`
-        blocks[:, :2] = d.to(torch.float16).view(torch.uint8)
-        blocks[:, 2:] = q.view(torch.uint8)
+        target = out_view[start:start + len(block)].view(-1, 34)  # rows are contiguous: a view into `out`
+        target[:, :2] = d.to(torch.float16).view(torch.uint8)
+        target[:, 2:] = q.view(torch.uint8)
     return out
 
 
@@ -71,48 +101,43 @@ def quantize_q8_0(weight: torch.Tensor, chunk_values: int = 1 << 19) -> np.ndarr
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    shape: tuple[int, ...]
-    make: Callable[[], torch.Tensor]  # produces the (merged) weight when its turn to be written comes
+    source: RowBlocks  # the (merged) weight, produced block by block when its turn to be written comes
     quantizable: bool  # a matrix (quantized per the file type); 1-D norms always stay f32
 
-
-def _weight_of(module: nn.Module) -> Callable[[], torch.Tensor]:
-    if isinstance(module, DoRALinear):
-        return module.merged_weight
-    return lambda: module.weight.detach()
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
 
 
 def tensor_plan(model: Qwen3ForCausalLM) -> list[PlannedTensor]:
     config, body = model.config, model.model
-    plan = [PlannedTensor("token_embd.weight", tuple(body.embed_tokens.weight.shape), _weight_of(body.embed_tokens),
-                          True)]
+    plan = [PlannedTensor("token_embd.weight", RowBlocks.of(body.embed_tokens), True)]
     for index, layer in enumerate(body.layers):
         for path, gguf_name in LAYER_TENSORS.items():
-            module = layer.get_submodule(path)
-            weight = module.base_layer.weight if isinstance(module, DoRALinear) else module.weight
-            plan.append(PlannedTensor(f"blk.{index}.{gguf_name}.weight", tuple(weight.shape), _weight_of(module),
-                                      weight.dim() == 2))
-    plan.append(PlannedTensor("output_norm.weight", tuple(body.norm.weight.shape), _weight_of(body.norm), False))
+            source = RowBlocks.of(layer.get_submodule(path))
+            plan.append(PlannedTensor(f"blk.{index}.{gguf_name}.weight", source, len(source.shape) == 2))
+    plan.append(PlannedTensor("output_norm.weight", RowBlocks.of(body.norm), False))
     if not config.tie_word_embeddings:
-        plan.append(PlannedTensor("output.weight", tuple(model.lm_head.weight.shape), _weight_of(model.lm_head),
-                                  True))
+        plan.append(PlannedTensor("output.weight", RowBlocks.of(model.lm_head), True))
     expected = 2 + len(LAYER_TENSORS) * config.num_hidden_layers + (0 if config.tie_word_embeddings else 1)
     if len(plan) != expected:  # llama.cpp refuses a file whose tensor count differs ("wrong number of tensors")
         raise ExportError(f"planned {len(plan)} tensors, llama.cpp expects {expected} for this config")
     return plan
 
 
-def _encode(tensor: torch.Tensor, quant: str, quantizable: bool) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """The bytes to write for one tensor, and their GGML type."""
-    if not quantizable or quant == "f32":
-        return tensor.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
-    if quant == "f16":
-        return tensor.to(torch.float16).contiguous().numpy(), gguf.GGMLQuantizationType.F16
-    if quant == "bf16":
-        return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
-    if tensor.shape[-1] % Q8_BLOCK:  # as llama.cpp's converter does: rows that do not block stay f16
-        return tensor.to(torch.float16).contiguous().numpy(), gguf.GGMLQuantizationType.F16
-    return quantize_q8_0(tensor), gguf.GGMLQuantizationType.Q8_0
+def _encode(planned: PlannedTensor, quant: str) -> np.ndarray:
+    """The bytes to write for one tensor, in the type `_planned_type` announced for it."""
+    qtype = _planned_type(planned, quant)
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        return quantize_q8_0(planned.source)
+    tensor = planned.source.whole()
+    if not torch.isfinite(tensor).all():
+        raise ExportError("non-finite value (NaN or Inf)")
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return tensor.float().contiguous().numpy()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return tensor.to(torch.float16).contiguous().numpy()
+    return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -215,14 +240,12 @@ def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
 
 # the export -----------------------------------------------------------------------------------------------
 
-def _stream(plan: list[PlannedTensor], quant: str) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+def _stream(plan: list[PlannedTensor], quant: str) -> Iterator[np.ndarray]:
     for planned in plan:
-        tensor = planned.make()
-        if not torch.isfinite(tensor).all():
-            raise ExportError(f"tensor {planned.name} holds NaN or Inf values; nothing was written")
-        data, _ = _encode(tensor, quant, planned.quantizable)
-        del tensor
-        yield planned, data
+        try:
+            yield _encode(planned, quant)
+        except ExportError as error:
+            raise ExportError(f"tensor {planned.name}: {error}; nothing was written") from None
 
 
 @torch.no_grad()
@@ -248,7 +271,7 @@ def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, data in _stream(plan, quant):
+        for data in _stream(plan, quant):
             writer.write_tensor_data(data)
         writer.close()
         os.replace(staging, target)
