@@ -3,10 +3,14 @@
 The 30 profiles are those of the report's section 6.2, each with a field, a country and interests. An
 article has a sector, a topic and a country. Ground truth, the rule a small model can learn:
 
-    field match +4.5, topic among the reader's interests +3, same country +2.5 (same wider region +1)
+    reader's field is the article's sector +4.5, topic among the reader's interests +3, same country +2.5
 
-so most pairs score 0 (noise) and few reach 8+ (critical), like the report's data. Every article is
-scored for several profiles; train and eval articles are disjoint. Deterministic from a seed.
+so most pairs score 0 (noise) and few reach 8+ (critical), like the report's data. The reasoning names
+one value and then its verdict (`Reader field energy matches.`), and each side writes its values in its
+own form (the article's sector capitalised, the reader's interests capitalised, the reader's country as a
+code), so a verdict is one attention lookup from the value just written: learnable by a small model in
+minutes on a CPU. Every article is scored for several profiles; train and eval articles are disjoint.
+Deterministic from a seed.
 """
 
 from __future__ import annotations
@@ -18,37 +22,34 @@ from pathlib import Path
 
 from .tokenizer import Tokenizer, train_chatml_tokenizer
 
-REGIONS = {
-    "Gulf": ["Kuwait", "Qatar", "UAE", "Saudi Arabia", "Bahrain"],
-    "Europe": ["Austria", "UK", "Portugal", "Norway", "France", "Germany"],
-    "Americas": ["USA", "Canada", "Chile", "Brazil", "Mexico"],
-    "Asia": ["India", "Japan", "South Korea"],
-    "Africa": ["Nigeria"],
-    "Oceania": ["Australia"],
+COUNTRY_CODES = {
+    "Kuwait": "KW", "Qatar": "QA", "UAE": "AE", "Saudi Arabia": "SA", "Bahrain": "BH", "Austria": "AT",
+    "UK": "GB", "Portugal": "PT", "Norway": "NO", "France": "FR", "Germany": "DE", "USA": "US", "Canada": "CA",
+    "Chile": "CL", "Brazil": "BR", "Mexico": "MX", "India": "IN", "Japan": "JP", "South Korea": "KR",
+    "Nigeria": "NG", "Australia": "AU",
 }
-WIDER_REGION = {country: region for region, countries in REGIONS.items() for country in countries}
 
 TOPICS = {
-    "energy": ["oil", "refining", "hydrogen", "seismic surveys"],
-    "computing": ["AI", "chips", "cybersecurity", "cloud"],
-    "finance": ["banking", "fintech", "markets", "mobile payments"],
-    "medicine": ["oncology", "emergency care", "clinical trials", "drug pricing"],
-    "law": ["mergers", "regulation", "court rulings"],
-    "construction": ["smart cities", "megaprojects", "housing"],
-    "media": ["documentary", "film festivals", "streaming"],
-    "trades": ["HVAC", "welding", "pipelines", "small business"],
-    "marine": ["offshore wind", "shipyards", "subsea cables"],
-    "education": ["universities", "admissions", "student life"],
-    "food": ["restaurants", "chefs", "food safety"],
+    "energy": ["oil", "refining", "hydrogen", "seismic"],
+    "computing": ["ai", "chips", "cybersecurity", "cloud"],
+    "finance": ["banking", "fintech", "markets", "payments"],
+    "medicine": ["oncology", "emergencies", "trials", "pharmacy"],
+    "law": ["mergers", "regulation", "courts"],
+    "construction": ["cities", "megaprojects", "housing"],
+    "media": ["documentary", "festivals", "streaming"],
+    "trades": ["hvac", "welding", "pipelines", "contractors"],
+    "marine": ["wind", "shipyards", "cables"],
+    "education": ["universities", "admissions", "campus"],
+    "food": ["restaurants", "chefs", "hygiene"],
     "agriculture": ["soy", "coffee", "harvests"],
-    "gaming": ["indie games", "game engines", "Gamescom"],
-    "diplomacy": ["UN", "nuclear talks", "sanctions"],
-    "sports": ["rugby", "sports injuries", "athletics"],
-    "mining": ["copper", "lithium", "mine safety"],
-    "marketing": ["K-pop", "advertising", "influencers"],
+    "gaming": ["indie", "engines", "gamescom"],
+    "diplomacy": ["un", "nuclear", "sanctions"],
+    "sports": ["rugby", "injuries", "athletics"],
+    "mining": ["copper", "lithium", "safety"],
+    "marketing": ["idols", "advertising", "influencers"],
     "arts": ["bonsai", "galleries", "crafts"],
-    "science": ["genomics", "biotech funding", "lab research"],
-    "logistics": ["shipping", "ports", "supply chains"],
+    "science": ["genomics", "biotech", "labs"],
+    "logistics": ["shipping", "ports", "freight"],
 }
 
 
@@ -61,52 +62,48 @@ class Profile:
     interests: tuple[str, ...]
 
     def text(self) -> str:
-        return (f"{self.title}. Field: {self.field}. Country: {self.country}. "
-                f"Interests: {', '.join(self.interests)}.")
+        interests = ", ".join(i.capitalize() for i in self.interests)
+        return f"{self.title}. Field: {self.field}. Country: {COUNTRY_CODES[self.country]}. Interests: {interests}."
 
 
 PROFILES = [Profile(*row[:4], tuple(row[4])) for row in [
-    ("cs-student-auk", "Computer Engineering student, AUK Kuwait", "Kuwait", "computing", ["AI", "chips"]),
-    ("architect-doha", "Architect, smart city projects, Doha", "Qatar", "construction", ["smart cities"]),
+    ("cs-student-auk", "Computer Engineering student, AUK Kuwait", "Kuwait", "computing", ["ai", "chips"]),
+    ("architect-doha", "Architect, smart city projects, Doha", "Qatar", "construction", ["cities"]),
     ("data-scientist-dubai", "Data Scientist, Dubai fintech", "UAE", "finance", ["fintech", "markets"]),
-    ("sophomore-uchicago", "Undeclared sophomore, UChicago", "USA", "education", ["student life", "admissions"]),
-    ("geophysicist-koc", "Senior geophysicist, KOC Kuwait", "Kuwait", "energy", ["seismic surveys", "oil"]),
+    ("sophomore-uchicago", "Undeclared sophomore, UChicago", "USA", "education", ["campus", "admissions"]),
+    ("geophysicist-koc", "Senior geophysicist, KOC Kuwait", "Kuwait", "energy", ["seismic", "oil"]),
     ("cyber-analyst-kuwait", "Cybersecurity analyst, Kuwaiti bank", "Kuwait", "computing", ["cybersecurity"]),
     ("finance-student-gust", "Finance & Accounting student, GUST Kuwait", "Kuwait", "finance", ["banking"]),
     ("mining-engineer-santiago", "Mining engineer, Santiago Chile", "Chile", "mining", ["copper", "lithium"]),
     ("filmmaker-mumbai", "Independent documentary filmmaker, Mumbai", "India", "media", ["documentary"]),
-    ("hvac-houston", "HVAC tech & business owner, Houston", "USA", "trades", ["HVAC", "small business"]),
+    ("hvac-houston", "HVAC tech & business owner, Houston", "USA", "trades", ["hvac", "contractors"]),
     ("welder-edmonton", "Pipeline welder & CWB inspector, Edmonton", "Canada", "trades", ["welding", "pipelines"]),
     ("mech-grad-neom", "Mechanical Engineering grad, NEOM/Aramco", "Saudi Arabia", "energy", ["hydrogen"]),
-    ("ux-designer-tokyo", "UX Designer, consumer electronics, Tokyo", "Japan", "computing", ["AI"]),
+    ("ux-designer-tokyo", "UX Designer, consumer electronics, Tokyo", "Japan", "computing", ["ai"]),
     ("petroleum-student-ku", "Petroleum Engineering student, Kuwait University", "Kuwait", "energy",
      ["oil", "refining"]),
-    ("cto-lagos", "CTO, mobile payments startup, Lagos", "Nigeria", "finance", ["mobile payments"]),
-    ("nurse-toronto", "Emergency dept nurse practitioner, Toronto", "Canada", "medicine", ["emergency care"]),
-    ("diplomat-vienna", "Retired UN diplomat, Vienna", "Austria", "diplomacy", ["UN", "nuclear talks"]),
+    ("cto-lagos", "CTO, mobile payments startup, Lagos", "Nigeria", "finance", ["payments"]),
+    ("nurse-toronto", "Emergency dept nurse practitioner, Toronto", "Canada", "medicine", ["emergencies"]),
+    ("diplomat-vienna", "Retired UN diplomat, Vienna", "Austria", "diplomacy", ["un", "nuclear"]),
     ("lawyer-london", "Corporate lawyer, London", "UK", "law", ["mergers", "regulation"]),
     ("it-consultant-lisbon", "Retired IT consultant, Lisbon", "Portugal", "computing", ["cloud"]),
-    ("supply-chain-manama", "Supply chain analyst, Manama Bahrain", "Bahrain", "logistics",
-     ["shipping", "supply chains"]),
-    ("marine-electrician-stavanger", "Marine electrician, offshore wind, Stavanger", "Norway", "marine",
-     ["offshore wind"]),
-    ("pharmacist-paris", "Hospital pharmacist, oncology, Paris", "France", "medicine", ["oncology", "drug pricing"]),
+    ("supply-chain-manama", "Supply chain analyst, Manama Bahrain", "Bahrain", "logistics", ["shipping", "freight"]),
+    ("marine-electrician-stavanger", "Marine electrician, offshore wind, Stavanger", "Norway", "marine", ["wind"]),
+    ("pharmacist-paris", "Hospital pharmacist, oncology, Paris", "France", "medicine", ["oncology", "pharmacy"]),
     ("oncologist-kfh", "Pediatric oncologist, King Faisal Hospital", "Saudi Arabia", "medicine",
-     ["oncology", "clinical trials"]),
-    ("physio-sydney", "Sports physiotherapist, rugby club, Sydney", "Australia", "sports",
-     ["rugby", "sports injuries"]),
+     ["oncology", "trials"]),
+    ("physio-sydney", "Sports physiotherapist, rugby club, Sydney", "Australia", "sports", ["rugby", "injuries"]),
     ("chef-mexico-city", "Executive chef & restaurant owner, Mexico City", "Mexico", "food", ["restaurants"]),
     ("biotech-kaust", "Biotech researcher, KAUST Jeddah", "Saudi Arabia", "science", ["genomics"]),
-    ("game-dev-berlin", "Indie game developer, Berlin", "Germany", "gaming", ["indie games", "Gamescom"]),
+    ("game-dev-berlin", "Indie game developer, Berlin", "Germany", "gaming", ["indie", "gamescom"]),
     ("commodities-sao-paulo", "Agricultural commodities trader, Sao Paulo", "Brazil", "agriculture",
      ["soy", "coffee"]),
     ("kpop-marketing-seoul", "Digital marketing manager, K-pop agency, Seoul", "South Korea", "marketing",
-     ["K-pop"]),
+     ["idols"]),
     ("bonsai-kyoto", "Professional bonsai artist, Kyoto", "Japan", "arts", ["bonsai"]),
 ]]
 
-TITLES = [
-    "{topic} news from {country}",
+TITLES = [  # none starts with the topic: a capitalised topic would look like a reader's interest
     "{country} sees a shift in {topic}",
     "New {topic} report published in {country}",
     "{country}: experts debate the future of {topic}",
@@ -133,10 +130,9 @@ class Article:
 def make_article(index: int, rng: random.Random) -> Article:
     field = rng.choice(list(TOPICS))
     topic = rng.choice(TOPICS[field])
-    country = rng.choice(list(WIDER_REGION))
+    country = rng.choice(list(COUNTRY_CODES))
     title = rng.choice(TITLES).format(topic=topic, country=country)
-    text = (f"Sector: {field}. Country: {country}. The story covers {topic} in {country}. "
-            f"{rng.choice(FILLERS)}")
+    text = f"Sector: {field.capitalize()}. The story covers {topic} in {country}. {rng.choice(FILLERS)}"
     return Article(f"article-{index:05d}", field, topic, country, title[0].upper() + title[1:], text)
 
 
@@ -145,20 +141,38 @@ def relevance(profile: Profile, article: Article) -> tuple[float, str]:
     field_match = article.field == profile.field
     topic_match = article.topic in profile.interests
     same_country = article.country == profile.country
-    same_region = not same_country and WIDER_REGION[article.country] == WIDER_REGION[profile.country]
-    score = 4.5 * field_match + 3.0 * topic_match + 2.5 * same_country + 1.0 * same_region
-    place = ("same country" if same_country else "same wider region" if same_region else "different region")
-    reasoning = (f"Article sector {article.field}, reader field {profile.field}: "
-                 f"{'match' if field_match else 'no match'}. Topic {article.topic}: "
-                 f"{'one of the reader interests' if topic_match else 'not a reader interest'}. "
-                 f"Article country {article.country}, reader country {profile.country}: {place}.")
-    return min(score, 10.0), reasoning
+    score = 4.5 * field_match + 3.0 * topic_match + 2.5 * same_country
+    reasoning = (f"Reader field {profile.field} {'matches' if field_match else 'differs'}. "
+                 f"Article topic {article.topic} {'listed' if topic_match else 'unlisted'}. "
+                 f"Article country {article.country} {'same' if same_country else 'elsewhere'}.")
+    return score, reasoning
 
 
 def scored_record(profile: Profile, article: Article) -> dict:
     score, reasoning = relevance(profile, article)
     return {"profile_id": profile.id, "profile": profile.text(), "article_id": article.id,
-            "title": article.title, "article": article.text, "score": score, "reasoning": reasoning}
+            "title": article.title, "article": article.text, "score": score, "reasoning": reasoning,
+            "sector": article.field, "topic": article.topic, "country": article.country}
+
+
+def profile_blind(records: list[dict], seed: int = 0) -> list[dict]:
+    """The same prompts labelled the way the report's V1 scored: one score per article whoever reads it
+    (the mean over its readers, to the half point). The reasoning is the V2 template about some other
+    reader, so the base model learns the language and the comparisons but never to look at the profile
+    it is given: that is what the demo's adapters add. (A tiny model trained from scratch only knows the
+    words it was trained to say, and DoRA cannot move the embeddings; Qwen3 knows its vocabulary.)"""
+    rng = random.Random(seed)
+    by_article: dict[str, list[float]] = {}
+    for r in records:
+        by_article.setdefault(r["article_id"], []).append(r["score"])
+    blind = []
+    for r in records:
+        article = Article(r["article_id"], r["sector"], r["topic"], r["country"], r["title"], r["article"])
+        someone = pick_profiles(article, 1, rng)[0]
+        scores = by_article[r["article_id"]]
+        blind.append(dict(r, score=round(2 * sum(scores) / len(scores)) / 2,
+                          reasoning=relevance(someone, article)[1]))
+    return blind
 
 
 def pick_profiles(article: Article, count: int, rng: random.Random) -> list[Profile]:
@@ -196,14 +210,18 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
 
 def make_demo_data(out_dir: str | Path, train_articles: int = 600, eval_articles: int = 60,
                    profiles_per_article: int = 5, vocab_size: int = 2048, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, eval.jsonl and a tokenizer folder under `out_dir`; returns their paths."""
+    """Write train.jsonl, eval.jsonl, base.jsonl (the train prompts with profile-blind labels) and a
+    tokenizer folder under `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = make_records(train_articles, profiles_per_article, seed)
     evaluation = make_records(eval_articles, profiles_per_article, seed + 1, first_index=train_articles)
-    paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "tokenizer": out / "tokenizer"}
+    base = profile_blind(train, seed)
+    paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "base": out / "base.jsonl",
+             "tokenizer": out / "tokenizer"}
     write_jsonl(train, paths["train"])
     write_jsonl(evaluation, paths["eval"])
-    tokenizer: Tokenizer = train_chatml_tokenizer(tokenizer_corpus(train), vocab_size=vocab_size)
+    write_jsonl(base, paths["base"])
+    tokenizer: Tokenizer = train_chatml_tokenizer(tokenizer_corpus(train + base), vocab_size=vocab_size)
     tokenizer.save_pretrained(paths["tokenizer"])
     return paths

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the demo needs (torch only when missing; set TORCH_SPEC to choose a build), then run the
+# whole pipeline on the embedded demo: outputs under runs/demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e .
+python tools/train.py "$@"

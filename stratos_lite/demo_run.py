@@ -1,0 +1,173 @@
+"""The whole pipeline on the embedded demo, the report's phases scaled down to a CPU and a few minutes:
+
+data + tokenizer -> a small random Qwen3 -> base phase (full fine-tuning on profile-blind labels, like the
+report's V1) -> DoRA phase (the report's recipe: band sampling, loss weights, accumulation, cosine,
+clipping, checkpoints) -> evaluation before and after (adapters off vs on) -> merge -> q8_0 GGUF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import SYSTEM_PROMPT, ScoredDataset
+from .demo import make_demo_data
+from .dora import adapters_disabled, apply_dora, merge_dora
+from .evaluate import evaluate
+from .gguf_export import export_gguf
+from .model import Qwen3Config, Qwen3ForCausalLM
+from .tokenizer import Tokenizer
+from .trainer import TrainConfig, Trainer
+from .weights import save_pretrained
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    data: dict = field(default_factory=lambda: {"train_articles": 600, "eval_articles": 60,
+                                                "profiles_per_article": 5, "vocab_size": 2048})
+    model: dict = field(default_factory=lambda: {
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True, "max_position_embeddings": 512})
+    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 2e-3, "max_steps": 150, "batch_size": 8,
+                                                "grad_accum": 1, "band_sampling": False, "max_len": 384})
+    dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 2e-3,
+                                                "max_steps": 150, "batch_size": 8, "grad_accum": 2,
+                                                "max_len": 384, "save_every": 50})
+    eval: dict = field(default_factory=lambda: {"batch_size": 64, "max_new_tokens": 96, "spread_articles": 5})
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> DemoConfig:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(values.keys() - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown section or setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        defaults = cls()
+        merged = {k: ({**getattr(defaults, k), **v} if isinstance(v, dict) else v) for k, v in values.items()}
+        return cls(**merged)
+
+
+def _phase_config(config: DemoConfig, phase: str) -> TrainConfig:
+    shared = {"out_dir": str(Path(config.out_dir) / phase), "seed": config.seed, "dtype": "bfloat16",
+              "gradient_checkpointing": False, "warmup_ratio": 0.05, "max_grad_norm": 1.0}
+    return TrainConfig(**{**shared, **getattr(config, phase)})
+
+
+def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
+    """Run every phase; returns the timings, metrics and output paths (also written to summary.json)."""
+    config = config or DemoConfig()
+    out = Path(config.out_dir)
+    if out.exists() and not reuse:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        print(f"== {name} done in {timings[name]:.1f} s", flush=True)
+
+    paths = make_demo_data(out / "data", seed=config.seed, **config.data)
+    tokenizer = Tokenizer.from_pretrained(paths["tokenizer"])
+    base_cfg, dora_cfg = _phase_config(config, "base"), _phase_config(config, "dora")
+    base_data = ScoredDataset.from_jsonl(paths["base"], tokenizer, max_len=base_cfg.max_len)
+    train_data = ScoredDataset.from_jsonl(paths["train"], tokenizer, max_len=dora_cfg.max_len)
+    (out / "dataset_report.md").write_text(train_data.report.to_markdown())
+    lap("data")
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=tokenizer.vocab_size, **config.model))
+    print(f"base phase: full fine-tuning of a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter "
+          "Qwen3 on profile-blind labels (the report's V1)")
+    Trainer(model, base_data, base_cfg, pad_id=tokenizer.pad_id).train()
+    save_pretrained(model, tokenizer, out / "base_model", dtype=torch.float32)
+    lap("base phase")
+
+    model.to(torch.bfloat16)  # frozen base in bf16, adapters in fp32, autocast: the report's setup
+    print(apply_dora(model, dora_cfg.rank, dora_cfg.alpha, dora_cfg.dropout, dora_cfg.targets))
+    result = Trainer(model, train_data, dora_cfg, pad_id=tokenizer.pad_id).train()
+    lap("DoRA phase")
+
+    model.eval()
+    settings = dict(batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
+    with adapters_disabled(model):
+        before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
+                          spread_articles=config.eval["spread_articles"], **settings)
+    after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
+                     spread_articles=config.eval["spread_articles"], **settings)
+    lap("evaluation")
+
+    merge_dora(model)
+    save_pretrained(model, tokenizer, out / "merged")
+    gguf_path = export_gguf(model, tokenizer, out / "scorer-q8_0.gguf", quant="q8_0", name="stratos-demo-scorer",
+                            system_prompt=SYSTEM_PROMPT)
+    lap("merge + export")
+
+    summary = {"timings_s": timings, "total_s": sum(timings.values()), "train_steps": result.steps,
+               "final_loss": result.final_loss, "mean_training_score": _mean_score(train_data),
+               "before": _headline(before), "after": _headline(after),
+               "paths": {"data": str(out / "data"), "base_model": str(out / "base_model"),
+                         "dora_run": str(out / "dora"), "adapter": str(out / "dora" / "adapter"),
+                         "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
+                         "gguf": str(gguf_path), "modelfile": str(gguf_path.with_name("Modelfile"))}}
+    summary["constant_mae"] = _constant_mae(paths["eval"], summary["mean_training_score"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    return summary
+
+
+def _headline(result: dict) -> dict:
+    keys = ("direction_accuracy", "mae", "spearman", "psr", "think_empty_rate", "parse_failures", "examples")
+    spreads = result.get("spread_check", [])
+    headline = {k: result[k] for k in keys}
+    if spreads:
+        headline["truth_spread"] = sum(r["truth_spread"] for r in spreads) / len(spreads)
+        headline["predicted_spread"] = sum(r["model_spread"] for r in spreads) / len(spreads)
+        if "adapters_off_spread" in spreads[0]:
+            headline["adapters_off_spread"] = sum(r["adapters_off_spread"] for r in spreads) / len(spreads)
+    return headline
+
+
+def _mean_score(dataset: ScoredDataset) -> float:
+    return sum(e.score for e in dataset.examples) / len(dataset.examples)
+
+
+def _constant_mae(eval_path: Path, constant: float) -> float:
+    """The MAE of always answering the training mean: the bar a model that learned nothing clears."""
+    scores = [json.loads(line)["score"] for line in eval_path.read_text().splitlines() if line.strip()]
+    return sum(abs(s - constant) for s in scores) / len(scores)
+
+
+def format_summary(summary: dict) -> str:
+    def cell(value, percent=False):
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}%" if percent else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    before, after = summary["before"], summary["after"]
+    rows = [("direction accuracy", "direction_accuracy", True), ("MAE", "mae", False),
+            ("Spearman rho", "spearman", False), ("PSR", "psr", True), ("think empty", "think_empty_rate", True),
+            ("parse failures", "parse_failures", False)]
+    lines = ["", f"{'metric':<22}{'adapters off':>14}{'adapters on':>14}", "-" * 50]
+    lines += [f"{name:<22}{cell(before[key], pct):>14}{cell(after[key], pct):>14}" for name, key, pct in rows]
+    if "truth_spread" in after:
+        lines.append(f"{'spread (truth ' + format(after['truth_spread'], '.2f') + ')':<22}"
+                     f"{cell(after.get('adapters_off_spread')):>14}{cell(after['predicted_spread']):>14}")
+    lines += ["-" * 50, f"MAE of always answering the training mean ({summary['mean_training_score']:.2f}): "
+              f"{summary['constant_mae']:.3f}",
+              "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
+              + f"; total {summary['total_s']:.0f} s", "", "outputs:"]
+    lines += [f"  {name:<12}{path}" for name, path in summary["paths"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""The demo pipeline end to end at a tiny size: every output exists and parses."""
+
+import json
+
+import gguf
+
+from stratos_lite.demo_run import DemoConfig, run_demo
+
+
+def test_demo_pipeline_tiny(tmp_path, capsys):
+    config = DemoConfig(
+        out_dir=str(tmp_path / "demo"),
+        data={"train_articles": 16, "eval_articles": 3, "profiles_per_article": 3, "vocab_size": 600},
+        model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True,
+               "max_position_embeddings": 512},
+        base={"mode": "full", "lr": 3e-3, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "band_sampling": False,
+              "max_len": 384},
+        dora={"rank": 4, "alpha": 8, "dropout": 0.05, "lr": 3e-3, "max_steps": 4, "batch_size": 2, "grad_accum": 2,
+              "max_len": 384, "save_every": 2, "verify_batches": 50},
+        eval={"batch_size": 16, "max_new_tokens": 12, "spread_articles": 2},
+    )
+    summary = run_demo(config)
+    out = tmp_path / "demo"
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["examples"] == 9 and "baseline" in metrics
+    assert (out / "eval" / "eval_report.md").read_text().startswith("# Evaluation report")
+    assert json.loads((out / "eval_before" / "metrics.json").read_text())["examples"] == 9
+    reader = gguf.GGUFReader(out / "scorer-q8_0.gguf")
+    assert len(reader.tensors) == 2 + 11 * 2
+    assert (out / "Modelfile").read_text().startswith("FROM ./scorer-q8_0.gguf")
+    assert json.loads((out / "dora" / "sampler_verification.json").read_text())["batches"] == 50
+    assert (out / "dora" / "adapter" / "adapter_config.json").is_file()
+    assert (out / "merged" / "config.json").is_file() and (out / "base_model" / "config.json").is_file()
+    assert (out / "dora" / "loss_curve.svg").is_file() and (out / "dataset_report.md").is_file()
+    assert json.loads((out / "summary.json").read_text())["paths"]["gguf"] == str(out / "scorer-q8_0.gguf")
+    assert summary["after"]["examples"] == 9
+    printed = capsys.readouterr().out
+    assert "adapters off" in printed and str(out / "scorer-q8_0.gguf") in printed
