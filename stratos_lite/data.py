@@ -262,6 +262,11 @@ class ScoredDataset(torch.utils.data.Dataset):
     def band_ids(self) -> list[int]:
         return [e.band for e in self.examples]
 
+    def contrastive_boost(self, factor: float) -> list[float]:
+        """Per-example sampling boost: `factor` for examples in a contrastive group, 1 for the rest."""
+        boosted = {i for group in contrastive_groups(self.examples) for i in group}
+        return [factor if i in boosted else 1.0 for i in range(len(self.examples))]
+
 
 def build_report(source: str, examples: Sequence[Example], bands: Sequence[Band], truncated: int = 0,
                  did_not_fit: int = 0, skipped: dict | None = None) -> DatasetReport:

@@ -55,6 +55,7 @@ class TrainConfig:
     # Data.
     max_len: int = 1024
     band_sampling: bool = True
+    contrastive_boost: float = 1.0  # > 1 draws contrastive-group examples more often within their band
     loss_denominator: str = "examples"  # or "weights"
     verify_batches: int = 1000
     # Optimisation.
@@ -180,7 +181,8 @@ class Trainer:
             shares = [b.target_share for b in dataset.bands]
         else:  # uniform sampling: one band holding every example
             bands, shares = [0] * len(dataset), [1.0]
-        return BandSampler(bands, shares, seed=config.seed, rank=self.rank, world_size=self.world_size)
+        boost = dataset.contrastive_boost(config.contrastive_boost) if config.contrastive_boost != 1.0 else None
+        return BandSampler(bands, shares, seed=config.seed, boost=boost, rank=self.rank, world_size=self.world_size)
 
     def _verify_sampler(self, sampler: BandSampler) -> None:
         dataset = self.train_dataset

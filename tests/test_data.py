@@ -134,3 +134,17 @@ def test_demo_rule_and_data_are_deterministic(tmp_path):
     eval_ids = {json.loads(line)["article_id"] for line in paths["eval"].read_text().splitlines()}
     assert train_ids and eval_ids and not train_ids & eval_ids
     assert (paths["tokenizer"] / "tokenizer.json").is_file()
+
+
+def test_contrastive_boost_raises_group_examples_within_their_band(tmp_path, tokenizer):
+    from stratos_lite.sampler import example_probabilities
+
+    rows = [dict(RECORD, profile_id="a", score=0), dict(RECORD, profile_id="b", score=9),  # group a1: spread 9
+            dict(RECORD, article_id="a2", profile_id="a", score=0), dict(RECORD, article_id="a3", score=9)]
+    ds = ScoredDataset.from_jsonl(write(tmp_path, rows), tokenizer)
+    boost = ds.contrastive_boost(3.0)
+    assert boost == [3.0, 3.0, 1.0, 1.0]
+    shares = [b.target_share for b in DEFAULT_BANDS]
+    p = example_probabilities(ds.band_ids, shares, boost)
+    assert p[0] == pytest.approx(3 * p[2])  # same band (noise), boosted three to one
+    assert (p[0] + p[2]).item() == pytest.approx(0.75 / (0.75 + 0.034))  # the band's share is unchanged

@@ -254,3 +254,13 @@ def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "out" / "sampler_verification.json").read_text())["batches"] == 10
     assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-000002"]
+
+
+def test_contrastive_boost_reaches_the_sampler(demo_dir):
+    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    plain = Trainer(model, dataset, quick_config("/tmp/unused"))._sampler().probabilities
+    boosted = Trainer(model, dataset, quick_config("/tmp/unused", contrastive_boost=4.0))._sampler().probabilities
+    grouped = torch.tensor(dataset.contrastive_boost(4.0)) > 1
+    assert grouped.any() and not torch.allclose(plain, boosted)
+    ratio = boosted[grouped] / plain[grouped]
+    assert ratio.max() > 1 and ratio.min() >= 1 - 1e-12  # members drawn more often (where a band has others)
