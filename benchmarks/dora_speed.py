@@ -9,16 +9,19 @@ be recomputed every step, as in real training). Activation memory = bytes autogr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections import OrderedDict
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import stratos_lite as sl
 from stratos_lite.dora import DoRALinear
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds
 
 IN, OUT, TOKENS, RANK, ALPHA, DROPOUT = 1024, 3072, 1024, 16, 32, 0.05
 
@@ -47,17 +50,6 @@ def saved_bytes(step) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(seen.values())
-
-
-def time_steps(step, repeats: int) -> float:
-    step()
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool):
@@ -93,7 +85,7 @@ def bench_layer(repeats: int) -> None:
         results = {}
         for name, layer in layers.items():
             step = layer_step(layer, x, autocast=mode != "fp32")
-            results[name] = (time_steps(step, repeats), saved_bytes(step))
+            results[name] = (median_seconds(step, repeats), saved_bytes(step))
         for name, (seconds, saved) in results.items():
             print(f"{mode:<14}{name:<14}{seconds * 1e3:>9.1f}{seconds / results['PEFT LoRA'][0]:>8.2f}"
                   f"{seconds / results['PEFT DoRA'][0]:>8.2f}{saved / 1e6:>10.1f}")
@@ -111,9 +103,9 @@ def bench_decode(repeats: int) -> None:
                 layer.lora_B.normal_(0, 0.01)
     prompts = [list(range(1, 129))]
     run = lambda: sl.generate(model, prompts, max_new_tokens=64)
-    unmerged = time_steps(run, repeats)
+    unmerged = median_seconds(run, repeats)
     sl.merge_dora(model)
-    merged = time_steps(run, repeats)
+    merged = median_seconds(run, repeats)
     print("\ngreedy decode, batch 1, prompt 128, 64 new tokens, fp32, the step-speed model (hidden 512, 4 layers)")
     print(f"merged {64 / merged:.0f} tok/s, unmerged DoRA {64 / unmerged:.0f} tok/s: "
           f"unmerged takes {unmerged / merged:.2f}x the merged time")

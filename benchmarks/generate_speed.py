@@ -10,26 +10,19 @@ The model is the trainer benchmark's (hidden 512, 4 layers, vocab 8192). Every r
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 
 import stratos_lite as sl
 
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds
+
 SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:
