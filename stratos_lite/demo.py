@@ -5,11 +5,11 @@ article has a sector, a topic and a country. Ground truth, the rule a small mode
 
     reader's field is the article's sector +4.5, topic among the reader's interests +3, same country +2.5
 
-so most pairs score 0 (noise) and few reach 8+ (critical), like the report's data. The reasoning names
-one value and then its verdict (`Reader field energy matches.`), and each side writes its values in its
-own form (the article's sector capitalised, the reader's interests capitalised, the reader's country as a
-code), so a verdict is one attention lookup from the value just written: learnable by a small model in
-minutes on a CPU. Every article is scored for several profiles; train and eval articles are disjoint.
+so most pairs score 0 (noise) and few reach 8+ (critical), like the report's data. The reasoning copies one
+value of the article and then gives its verdict (`Article sector energy matches.`); the profile writes
+its values in its own form (field and interests capitalised, country as a code), so a verdict is one
+attention lookup from the value just written into the profile: learnable by a small model in minutes on
+a CPU. Every article is scored for several profiles; train and eval articles are disjoint.
 Deterministic from a seed.
 """
 
@@ -63,7 +63,8 @@ class Profile:
 
     def text(self) -> str:
         interests = ", ".join(i.capitalize() for i in self.interests)
-        return f"{self.title}. Field: {self.field}. Country: {COUNTRY_CODES[self.country]}. Interests: {interests}."
+        code = COUNTRY_CODES[self.country]
+        return f"{self.title}. Field: {self.field.capitalize()}. Country: {code}. Interests: {interests}."
 
 
 PROFILES = [Profile(*row[:4], tuple(row[4])) for row in [
@@ -132,7 +133,7 @@ def make_article(index: int, rng: random.Random) -> Article:
     topic = rng.choice(TOPICS[field])
     country = rng.choice(list(COUNTRY_CODES))
     title = rng.choice(TITLES).format(topic=topic, country=country)
-    text = f"Sector: {field.capitalize()}. The story covers {topic} in {country}. {rng.choice(FILLERS)}"
+    text = f"Sector: {field}. The story covers {topic} in {country}. {rng.choice(FILLERS)}"
     return Article(f"article-{index:05d}", field, topic, country, title[0].upper() + title[1:], text)
 
 
@@ -142,7 +143,7 @@ def relevance(profile: Profile, article: Article) -> tuple[float, str]:
     topic_match = article.topic in profile.interests
     same_country = article.country == profile.country
     score = 4.5 * field_match + 3.0 * topic_match + 2.5 * same_country
-    reasoning = (f"Reader field {profile.field} {'matches' if field_match else 'differs'}. "
+    reasoning = (f"Article sector {article.field} {'matches' if field_match else 'differs'}. "
                  f"Article topic {article.topic} {'listed' if topic_match else 'unlisted'}. "
                  f"Article country {article.country} {'same' if same_country else 'elsewhere'}.")
     return score, reasoning
@@ -155,42 +156,40 @@ def scored_record(profile: Profile, article: Article) -> dict:
             "sector": article.field, "topic": article.topic, "country": article.country}
 
 
-def profile_blind(records: list[dict], seed: int = 0) -> list[dict]:
-    """The same prompts labelled the way the report's V1 scored: one score per article whoever reads it
-    (the mean over its readers, to the half point). The reasoning is the V2 template about some other
-    reader, so the base model learns the language and the comparisons but never to look at the profile
-    it is given: that is what the demo's adapters add. (A tiny model trained from scratch only knows the
-    words it was trained to say, and DoRA cannot move the embeddings; Qwen3 knows its vocabulary.)"""
-    rng = random.Random(seed)
+def profile_blind(records: list[dict]) -> list[dict]:
+    """The same examples scored the way the report's V1 scored: one score per article whoever reads it
+    (the mean over its readers, to the half point). The reasoning stays the true one, so the base model
+    learns to read the profile, but not to let it move the score: that is what the demo's adapters add.
+    (A tiny model trained from scratch knows nothing it was not trained on; Qwen3 arrives knowing how to
+    read.)"""
     by_article: dict[str, list[float]] = {}
     for r in records:
         by_article.setdefault(r["article_id"], []).append(r["score"])
-    blind = []
-    for r in records:
-        article = Article(r["article_id"], r["sector"], r["topic"], r["country"], r["title"], r["article"])
-        someone = pick_profiles(article, 1, rng)[0]
-        scores = by_article[r["article_id"]]
-        blind.append(dict(r, score=round(2 * sum(scores) / len(scores)) / 2,
-                          reasoning=relevance(someone, article)[1]))
-    return blind
+    return [dict(r, score=round(2 * sum(by_article[r["article_id"]]) / len(by_article[r["article_id"]])) / 2)
+            for r in records]
 
 
-def pick_profiles(article: Article, count: int, rng: random.Random) -> list[Profile]:
-    """Mostly random readers; in one article of three, one reader from the article's field, so that the
-    rare high bands exist in useful numbers (the real data came skewed the same way)."""
+def pick_profiles(article: Article, count: int, rng: random.Random, related_share: float = 0.07) -> list[Profile]:
+    """`count` distinct readers: random ones, each swapped with probability `related_share` for one who
+    shares the article's field or country, so that the rare high bands exist in useful numbers (the
+    real data came skewed the same way)."""
     chosen = rng.sample(PROFILES, count)
-    same_field = [p for p in PROFILES if p.field == article.field and p not in chosen]
-    if same_field and rng.random() < 1 / 3:
-        chosen[0] = rng.choice(same_field)
+    related = [p for p in PROFILES
+               if p not in chosen and (p.field == article.field or p.country == article.country)]
+    for slot in range(count):
+        if related and rng.random() < related_share:
+            chosen[slot] = related.pop(rng.randrange(len(related)))
     return chosen
 
 
-def make_records(articles: int, profiles_per_article: int, seed: int, first_index: int = 0) -> list[dict]:
+def make_records(articles: int, profiles_per_article: int, seed: int, first_index: int = 0,
+                 related_share: float = 0.07) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for index in range(first_index, first_index + articles):
         article = make_article(index, rng)
-        records += [scored_record(p, article) for p in pick_profiles(article, profiles_per_article, rng)]
+        readers = pick_profiles(article, profiles_per_article, rng, related_share)
+        records += [scored_record(p, article) for p in readers]
     return records
 
 
@@ -210,13 +209,16 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
 
 def make_demo_data(out_dir: str | Path, train_articles: int = 600, eval_articles: int = 60,
                    profiles_per_article: int = 5, vocab_size: int = 2048, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, eval.jsonl, base.jsonl (the train prompts with profile-blind labels) and a
-    tokenizer folder under `out_dir`; returns their paths."""
+    """Write train.jsonl, eval.jsonl, base.jsonl (other articles, with profile-blind labels, for the base
+    phase) and a tokenizer folder under `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = make_records(train_articles, profiles_per_article, seed)
     evaluation = make_records(eval_articles, profiles_per_article, seed + 1, first_index=train_articles)
-    base = profile_blind(train, seed)
+    # The base phase reads its own articles, with related readers far more often than the real data has
+    # them, so that the few minutes it gets are enough to learn to read a profile.
+    base = profile_blind(make_records(train_articles, profiles_per_article, seed + 2,
+                                      first_index=train_articles + eval_articles, related_share=0.5))
     paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "base": out / "base.jsonl",
              "tokenizer": out / "tokenizer"}
     write_jsonl(train, paths["train"])

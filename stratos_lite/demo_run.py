@@ -37,11 +37,12 @@ class DemoConfig:
     model: dict = field(default_factory=lambda: {
         "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True, "max_position_embeddings": 512})
-    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 2e-3, "max_steps": 150, "batch_size": 8,
-                                                "grad_accum": 1, "band_sampling": False, "max_len": 384})
-    dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 2e-3,
-                                                "max_steps": 150, "batch_size": 8, "grad_accum": 2,
-                                                "max_len": 384, "save_every": 50})
+    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 3e-3, "max_steps": 1500, "batch_size": 8,
+                                                "grad_accum": 1, "band_sampling": False, "max_len": 384,
+                                                "save_every": 500})
+    dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-3,
+                                                "max_steps": 600, "batch_size": 8, "grad_accum": 2,
+                                                "max_len": 384, "save_every": 200})
     eval: dict = field(default_factory=lambda: {"batch_size": 64, "max_new_tokens": 96, "spread_articles": 5})
 
     @classmethod
@@ -106,7 +107,8 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
         before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
                           spread_articles=config.eval["spread_articles"], **settings)
     after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
-                     spread_articles=config.eval["spread_articles"], **settings)
+                     spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
+                     **settings)
     lap("evaluation")
 
     merge_dora(model)

@@ -242,11 +242,13 @@ def load_eval_records(path: str | Path, limit: int = 0) -> list[dict]:
 
 def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, baseline: str | Path | None = None,
              compare_adapters_off: bool = True, spread_articles: int = 5, threshold: float = 5.0,
-             batch_size: int = 16, max_new_tokens: int = 160, limit: int = 0, progress: bool = True) -> dict:
+             batch_size: int = 16, max_new_tokens: int = 160, limit: int = 0, progress: bool = True,
+             labels: tuple[str, str] = ("baseline", "model")) -> dict:
     """Evaluate `model` on an eval JSONL; write predictions.jsonl, metrics.json and eval_report.md.
 
     compare_adapters_off: also score the profile-awareness articles with the adapters disabled (the base
-    model), side by side. baseline: a predictions.jsonl of another model for a two-column report."""
+    model), side by side. baseline: a predictions.jsonl of another model for a two-column report, whose
+    columns are headed by `labels` (baseline, this model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_eval_records(eval_path, limit)
@@ -276,5 +278,5 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     if baseline_metrics:
         result["baseline"] = {k: v for k, v in baseline_metrics.items() if k != "per_profile"}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "eval_report.md").write_text(report_markdown(result, spreads, baseline_metrics))
+    (out / "eval_report.md").write_text(report_markdown(result, spreads, baseline_metrics, labels))
     return result

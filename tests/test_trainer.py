@@ -257,7 +257,7 @@ def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
 
 
 def test_contrastive_boost_reaches_the_sampler(demo_dir):
-    model, dataset, tok = build(str(demo_dir), dropout=0.0)
+    model, dataset, _ = build(str(demo_dir), dropout=0.0)
     plain = Trainer(model, dataset, quick_config("/tmp/unused"))._sampler().probabilities
     boosted = Trainer(model, dataset, quick_config("/tmp/unused", contrastive_boost=4.0))._sampler().probabilities
     grouped = torch.tensor(dataset.contrastive_boost(4.0)) > 1
