@@ -4,7 +4,8 @@
     python benchmarks/step_speed.py --shape qwen3-0.6b --seq 1024 --dtypes bfloat16   # on a GPU
 
 Batch 2 x accumulation 8, the last 20 % of each sequence as completion, DoRA r16/a32/0.05 on all seven
-linears, gradient checkpointing. Each (system, dtype) runs in a fresh process; the median step time after
+linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only). Each
+(system, dtype) runs in a fresh process; the median step time after
 two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, and peak
 memory (CPU: peak RSS growth during training; GPU: peak allocated).
 """
@@ -92,7 +93,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str) -> list[float]:
+def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> list[float]:
     import stratos_lite as sl
 
     torch.manual_seed(0)
@@ -101,7 +102,8 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str) -> lis
         model.to(torch.bfloat16)
     sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,
-                            dtype=dtype, gradient_checkpointing=True, band_sampling=False, verify_batches=0,
+                            dtype=dtype, gradient_checkpointing=True, checkpoint_policy=policy,
+                            band_sampling=False, verify_batches=0,
                             save_every=10**9, progress=False)
     trainer = sl.Trainer(model, examples(shape["vocab_size"], seq, 64), config)
     trainer._finish = lambda metrics, seconds: metrics  # timing only: no summary files
@@ -109,7 +111,8 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str) -> lis
     return [m["step_seconds"] for m in metrics]
 
 
-def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str) -> list[float]:
+def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> list[float]:
+    del policy  # transformers checkpoints whole decoder layers
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -140,7 +143,7 @@ def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str) -> list[
     return times
 
 
-def child(system: str, shape_name: str, seq: int, dtype: str, steps: int) -> None:
+def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy: str) -> None:
     import tempfile
 
     if torch.cuda.is_available():
@@ -148,7 +151,7 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int) -> Non
     before = rss()
     runner = run_ours if system == "stratos_lite" else run_hf
     with tempfile.TemporaryDirectory() as out_dir:
-        times = runner(SHAPES[shape_name], seq, dtype, steps, out_dir)
+        times = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
     print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak}))
@@ -161,9 +164,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--child", choices=["stratos_lite", "hf"])
+    parser.add_argument("--policy", default="layer", choices=["layer", "mlp"], help="(child) checkpoint policy")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps)
+        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, args.policy)
     shape = SHAPES[args.shape]
     print(f"device: {device_name()}; torch {torch.__version__}; shape {args.shape}; seq {args.seq}; "
           f"batch {BATCH} x accumulation {ACCUM}; DoRA r{RANK}/a{ALPHA}/{DROPOUT}; gradient checkpointing")
@@ -173,14 +177,14 @@ def main() -> None:
     for dtype in args.dtypes:
         rate = matmul_rate(getattr(torch, dtype))
         results = {}
-        for system in ("hf", "stratos_lite"):
+        for label, system, policy in (("HF+PEFT", "hf", "layer"), ("ours, layer", "stratos_lite", "layer"),
+                                      ("ours, mlp", "stratos_lite", "mlp")):
             out = subprocess.run([sys.executable, __file__, "--child", system, "--shape", args.shape, "--seq",
-                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype],
+                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype, "--policy", policy],
                                  check=True, capture_output=True, text=True).stdout
-            results[system] = json.loads(out.strip().splitlines()[-1])
-        for system, r in results.items():
-            label = "HF+PEFT" if system == "hf" else system
-            print(f"{dtype:<10}{label:<14}{r['seconds']:>8.3f}{r['seconds'] / results['hf']['seconds']:>7.2f}"
+            results[label] = json.loads(out.strip().splitlines()[-1])
+        for label, r in results.items():
+            print(f"{dtype:<10}{label:<14}{r['seconds']:>8.3f}{r['seconds'] / results['HF+PEFT']['seconds']:>7.2f}"
                   f"{tokens / r['seconds']:>10.0f}{flops / r['seconds'] / rate:>10.1%}{r['peak'] / 1e9:>9.2f}")
         print(f"{'':<10}(matmul rate {rate / 1e9:.0f} GFLOP/s in {dtype})")
 

@@ -213,11 +213,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.checkpointing: str | None = None  # None, "layer" or "mlp" (see set_gradient_checkpointing)
 
     def forward(self, h, cos, sin, mask, cache=None):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.checkpointing == "mlp" and torch.is_grad_enabled():
+            return h + checkpoint(self.feed_forward, h, use_reentrant=False)
+        return h + self.feed_forward(h)
+
+    def feed_forward(self, h):
+        return self.mlp(self.post_attention_layernorm(h))
 
 
 class Qwen3Model(nn.Module):
@@ -252,11 +257,18 @@ class Qwen3ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True, layers: list[int] | None = None) -> None:
-        """Recompute activations in backward for the given decoder layers (all when `layers` is None)."""
+    def set_gradient_checkpointing(self, enabled: bool = True, layers: list[int] | None = None,
+                                   policy: str = "layer") -> None:
+        """Recompute activations in backward for the given decoder layers (all when `layers` is None).
+
+        policy "layer" keeps only each layer's input (least memory, as transformers does); "mlp" keeps the
+        attention block's activations and recomputes only the MLP, which holds most of a layer's activation
+        memory but little of its time, so attention (slow on CPUs) and its adapters' dropout run once."""
+        if policy not in ("layer", "mlp"):
+            raise ValueError(f"checkpointing policy must be 'layer' or 'mlp', got {policy!r}")
         for index, layer in enumerate(self.model.layers):
             if layers is None or index in layers:
-                layer.gradient_checkpointing = enabled
+                layer.checkpointing = policy if enabled else None
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._inv_freq.device != position_ids.device:
@@ -293,7 +305,7 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rope(position_ids, h.dtype)
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches else None
-            if layer.gradient_checkpointing and torch.is_grad_enabled():
+            if layer.checkpointing == "layer" and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, attention_mask, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attention_mask, cache)

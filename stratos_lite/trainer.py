@@ -71,6 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "bfloat16"  # or "float32"
     gradient_checkpointing: bool = True
+    checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
     seed: int = 0
     # Checkpoints, logging, the guard.
     save_every: int = 200
@@ -81,7 +82,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        checks = {"mode": ("dora", "full"), "dtype": ("bfloat16", "float32"),
+        checks = {"mode": ("dora", "full"), "dtype": ("bfloat16", "float32"), "checkpoint_policy": ("layer", "mlp"),
                   "loss_denominator": ("examples", "weights")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -212,7 +213,7 @@ class Trainer:
             if os.environ.get(flag, "0") not in ("", "0"):
                 self._print(f"WARNING: {flag}={os.environ[flag]} is set: {why}. Unset it if gradients go NaN.")
         if hasattr(self.model, "set_gradient_checkpointing"):
-            self.model.set_gradient_checkpointing(config.gradient_checkpointing)
+            self.model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                                       weight_decay=config.weight_decay)
         total = self.total_steps()

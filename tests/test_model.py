@@ -209,3 +209,23 @@ def test_config_reads_new_and_old_rope_keys():
     with pytest.raises(sl.CheckpointError, match="rope scaling 'dynamic'"):
         sl.Qwen3Config.from_dict(tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
 
+
+
+@pytest.mark.parametrize("policy", ["layer", "mlp"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, policy):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    ids = tokens(length=20)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(ids).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    model.set_gradient_checkpointing(True, policy=policy)
+    assert all(layer.checkpointing == policy for layer in model.model.layers)
+    for a, b in zip(plain, gradients(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="policy must be"):
+        model.set_gradient_checkpointing(True, policy="attention")
