@@ -128,8 +128,8 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy over each example's completion, (b,), and the completion token counts.
+def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean token cross-entropy over each example's completion, shape (b,).
 
     Only completion positions go through the vocabulary projection (most of a prompt never needs logits)."""
     targets = batch["labels"][:, 1:]
@@ -140,7 +140,7 @@ def example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     rows = select.nonzero()[:, 0]
     counts = select.sum(dim=1)
     sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, rows, token_losses)
-    return sums / counts.clamp_min(1), counts
+    return sums / counts.clamp_min(1)
 
 
 class NonFiniteError(RuntimeError):
@@ -270,7 +270,7 @@ class Trainer:
             last = index == len(micro_batches) - 1
             sync = model.no_sync() if self.world_size > 1 and not last else nullcontext()
             with sync, self._autocast():
-                per_example, _ = example_losses(model, mb)
+                per_example = example_losses(model, mb)
                 loss = (per_example * mb["weight"]).sum() / denominator
             # DDP averages gradients over ranks; scaling by world size turns that average into the global sum.
             (loss * self.world_size).backward()
@@ -308,7 +308,7 @@ class Trainer:
             batch = collate([dataset[i] for i in indices[start:start + config.batch_size]], self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                per_example, _ = example_losses(self.model, batch)
+                per_example = example_losses(self.model, batch)
             total += float((per_example * batch["weight"]).sum())
             weight_sum += float(batch["weight"].sum())
         self.model.train(was_training)
