@@ -52,11 +52,13 @@ def test_logits_match_transformers_bf16(tmp_path):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
 
 
-def test_fp32_source_cast_to_bf16_and_back(tmp_path):
-    reference = write_hf_checkpoint(tmp_path, tiny_config(), dtype=torch.float32)
-    ours = sl.load_model(tmp_path, dtype=torch.bfloat16)
+@pytest.mark.parametrize(("source", "target"), [(torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.float16)])
+def test_sources_are_cast_to_the_requested_dtype(tmp_path, source, target):
+    reference = write_hf_checkpoint(tmp_path, tiny_config(), dtype=source).to(source)
+    ours = sl.load_model(tmp_path, dtype=target)
     for name, p in reference.named_parameters():
-        assert torch.equal(ours.get_parameter(name), p.detach().to(torch.bfloat16)), name
+        assert torch.equal(ours.get_parameter(name), p.detach().to(target)), name
 
 
 def test_kv_cache_decoding_equals_full_forward(tmp_path):
