@@ -144,6 +144,10 @@ class ParsedRecord:
     article_id: str
     fields: tuple[str, str, str] | None  # (profile, title, article) of a scored record, to re-render shorter
 
+    @property
+    def title(self) -> str:
+        return self.fields[1] if self.fields else ""
+
 
 def parse_record(record: dict) -> ParsedRecord:
     if not isinstance(record, dict):

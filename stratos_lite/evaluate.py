@@ -17,7 +17,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from .data import parse_record, read_jsonl
+from .data import ParsedRecord, read_jsonl
 from .dora import adapters_disabled
 from .generate import generate
 
@@ -78,10 +78,9 @@ class Prediction:
     raw: str
 
 
-def predict(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max_new_tokens: int = 160,
+def predict(model, tokenizer, parsed: Sequence[ParsedRecord], batch_size: int = 16, max_new_tokens: int = 160,
             progress: bool = True, desc: str = "evaluate") -> list[Prediction]:
     """Greedy, KV-cached generation for each record (sorted by prompt length to batch with little padding)."""
-    parsed = [parse_record(r) for r in records]
     prompts = [tokenizer.encode_prompt(p.messages) for p in parsed]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: dict[int, str] = {}
@@ -91,9 +90,9 @@ def predict(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max
                            stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
         texts.update({i: tokenizer.decode(out) for i, out in zip(chunk, outputs, strict=True)})
     predictions = []
-    for i, (record, p) in enumerate(zip(records, parsed, strict=True)):
+    for i, p in enumerate(parsed):
         reading = parse_completion(texts[i])
-        predictions.append(Prediction(i, p.profile_id, p.article_id, record.get("title", ""), p.score,
+        predictions.append(Prediction(i, p.profile_id, p.article_id, p.title, p.score,
                                       reading.score, len(reading.think.strip()), reading.status,
                                       reading.think_empty, texts[i]))
     return predictions
@@ -233,11 +232,10 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     return [Prediction(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def load_eval_records(path: str | Path, limit: int = 0) -> list[dict]:
+def load_eval_records(path: str | Path, limit: int = 0) -> list[ParsedRecord]:
     """The eval JSONL's records, validated line by line (errors name the file and line)."""
-    read_jsonl(path)  # validation only: raises DataError naming file and line
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
+    records = [parsed for _, parsed in read_jsonl(path)[0]]
+    return records[:limit] if limit else records
 
 
 def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, baseline: str | Path | None = None,
