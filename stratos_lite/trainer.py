@@ -187,7 +187,8 @@ class Trainer:
 
     def _verify_sampler(self, sampler: BandSampler) -> None:
         dataset = self.train_dataset
-        if not (self.config.band_sampling and hasattr(dataset, "bands") and self.config.verify_batches > 0):
+        wanted = self.config.band_sampling and hasattr(dataset, "bands") and self.config.verify_batches > 0
+        if not wanted or self.rank != 0:  # every rank shares one global stream: rank 0 checks it
             return
         result = verify_sampler(sampler, [b.name for b in dataset.bands], [b.target_share for b in dataset.bands],
                                 self.config.verify_batches, self.config.batch_size * self.world_size,
@@ -328,7 +329,8 @@ class Trainer:
     def _resume(self, optimizer, scheduler, sampler) -> tuple[int, list[dict], int]:
         found = checkpoints(self.out_dir)
         if not found:
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if self.rank == 0:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             return 0, [], 0
         state = load_checkpoint(found[-1], self.model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
