@@ -98,8 +98,12 @@ class DatasetReport:
     contrastive_groups: int = 0
     contrastive_examples: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def write(self, folder: str | Path) -> None:
+        """dataset_report.md (tables for people) and dataset_report.json (the same numbers for tools)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dataset_report.md").write_text(self.to_markdown())
+        (folder / "dataset_report.json").write_text(json.dumps(asdict(self), indent=2))
 
     def to_markdown(self) -> str:
         rows = [f"# Dataset report: {self.source}", "",

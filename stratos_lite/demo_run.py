@@ -86,7 +86,7 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     base_cfg, dora_cfg = _phase_config(config, "base"), _phase_config(config, "dora")
     base_data = ScoredDataset.from_jsonl(paths["base"], tokenizer, max_len=base_cfg.max_len)
     train_data = ScoredDataset.from_jsonl(paths["train"], tokenizer, max_len=dora_cfg.max_len)
-    (out / "dataset_report.md").write_text(train_data.report.to_markdown())
+    train_data.report.write(out)
     lap("data")
 
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=tokenizer.vocab_size, **config.model))

@@ -33,6 +33,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert (out / "dora" / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file() and (out / "base_model" / "config.json").is_file()
     assert (out / "dora" / "loss_curve.svg").is_file() and (out / "dataset_report.md").is_file()
+    assert json.loads((out / "dataset_report.json").read_text())["bands"][0]["name"] == "noise"
     assert json.loads((out / "summary.json").read_text())["paths"]["gguf"] == str(out / "scorer-q8_0.gguf")
     assert summary["after"]["examples"] == 9
     printed = capsys.readouterr().out

@@ -254,6 +254,7 @@ def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "out" / "sampler_verification.json").read_text())["batches"] == 10
     assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-000002"]
+    assert "| noise [0, 2) |" in (tmp_path / "out" / "dataset_report.md").read_text()
 
 
 def test_contrastive_boost_reaches_the_sampler(demo_dir):

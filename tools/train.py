@@ -31,6 +31,7 @@ def train_from_config(config: sl.TrainConfig) -> sl.TrainResult:
     if config.mode == "dora":
         print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets))
     train = sl.ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
+    train.report.write(config.out_dir)
     print(train.report.to_markdown())
     evaluation = (sl.ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)
                   if config.eval_data and config.eval_every else None)
