@@ -133,6 +133,7 @@ def test_resume_after_sigkill_is_bitwise_identical(demo_dir, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    assert [p.name for p in checkpoints(interrupted)] == ["checkpoint-000006", "checkpoint-000008"]  # keep 2
 
 
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_path, monkeypatch):
