@@ -61,16 +61,17 @@ def _read_header(file) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of a shard. Tensors already in `dtype` are memory-mapped (no copy); tensors to be cast
-    are read one at a time into a buffer freed after the cast, so a shard's pages never pile up in memory
-    beside the converted weights."""
+def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype,
+                skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a shard but those in `skip` (never read). Tensors already in `dtype` are memory-mapped
+    (no copy); tensors to be cast are read one at a time into a buffer freed after the cast, so a shard's
+    pages never pile up in memory beside the converted weights."""
     with open(shard, "rb") as file, safe_open(str(shard), framework="pt", device="cpu") as mapped:
         header, data_start = _read_header(file)
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{shard}: tensor {absent[0]!r} listed in the index is not in the file")
-        for name in sorted(header):
+        for name in sorted(header.keys() - skip):
             info = header[name]
             source = _SAFETENSORS_DTYPES.get(info["dtype"])
             if source is None:
@@ -102,10 +103,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
         model = Qwen3ForCausalLM(config)
     expected = dict(model.named_parameters())  # tied lm_head.weight is the embedding, listed once
     loaded: set[str] = set()
+    # Tied checkpoints may still carry a copy of the embedding as lm_head.weight: it is not even read.
+    skip = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
     for shard, promised in checkpoint_shards(folder).items():
-        for name, tensor in _read_shard(shard, promised, dtype):
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # tied checkpoints may still carry a copy of the embedding
+        for name, tensor in _read_shard(shard, promised, dtype, skip):
             if name not in expected:
                 raise CheckpointError(f"{shard}: unexpected tensor {name!r} for a Qwen3 model")
             want = tuple(expected[name].shape)

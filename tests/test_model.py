@@ -231,3 +231,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, policy):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="policy must be"):
         model.set_gradient_checkpointing(True, policy="attention")
+
+
+def test_tied_checkpoint_carrying_lm_head_loads(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config(tie_word_embeddings=True))
+    _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": torch.full((512, 64), float("nan"))}))
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the stale copy is ignored, not loaded
+    assert torch.isfinite(model.lm_head.weight).all()
