@@ -70,56 +70,52 @@ class DoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
-        self._base_key: tuple | None = None
-        self._base_norm_sq: torch.Tensor | None = None
+        self._cache: dict[str, tuple[tuple, object]] = {}
         self.lora_magnitude = nn.Parameter(self._base_row_norm_sq().sqrt().to(dtype))
         self.dropout = float(dropout)
         self.adapter_enabled = True
-        self._norm_key: tuple | None = None
-        self._norm: torch.Tensor | None = None
-        self._folded_key: tuple | None = None
-        self._folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _cached(self, name: str, tensors: tuple[torch.Tensor, ...], compute, *extra):
+        """compute(), reused until one of `tensors` is replaced or changed in place (their version counters
+        move), or inference mode is entered or left (its tensors cannot be saved for backward)."""
+        key = (*(t._version for t in tensors), *(t.data_ptr() for t in tensors), torch.is_inference_mode_enabled(),
+               *extra)
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, compute())
+            self._cache[name] = hit
+        return hit[1]
 
     def _base_row_norm_sq(self) -> torch.Tensor:
-        """||W||^2 per row in fp32 (without an fp32 copy of W), cached: the frozen W rarely changes."""
+        """||W||^2 per row in fp32 (without an fp32 copy of W): the frozen W rarely changes."""
         weight = self.base_layer.weight
-        key = (weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
-        if key != self._base_key:
-            self._base_norm_sq = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=torch.float32).square()
-            self._base_key = key
-        return self._base_norm_sq
-
-    def _state_key(self) -> tuple:
-        tensors = (self.base_layer.weight, self.lora_A, self.lora_B)
-        return (*(t._version for t in tensors), *(t.data_ptr() for t in tensors),
-                torch.is_inference_mode_enabled())
+        return self._cached("base_norm_sq", (weight,), lambda: torch.linalg.vector_norm(
+            weight.detach(), dim=1, dtype=torch.float32).square())
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """n = ||W + s B A|| per output row (fp32, detached), recomputed only when W, A or B changed:
         ||W||^2 + 2 s rowsum((W A^T) * B) + s^2 rowsum((B A A^T) * B)."""
-        key = self._state_key()
-        if key != self._norm_key:
+        def compute():
             with torch.autocast(self.lora_A.device.type, enabled=False):
                 weight, a, b, s = self.base_layer.weight, self.lora_A.float(), self.lora_B.float(), self.scaling
                 w_at = F.linear(a.to(weight.dtype), weight).float().t()  # (out, r): one pass over W
                 cross = (w_at * b).sum(dim=1)
                 lora_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
-                self._norm = (self._base_row_norm_sq() + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
-            self._norm_key = key
-        return self._norm
+                return (self._base_row_norm_sq() + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+
+        return self._cached("norm", (self.base_layer.weight, self.lora_A, self.lora_B), compute)
 
     @torch.no_grad()
     def folded_terms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A, (m/n) s B and m/n in `dtype`, cached, for inference: y = (m/n) W x + ((m/n) s B) (A x)."""
-        m = self.lora_magnitude
-        key = (self._state_key(), m._version, m.data_ptr(), dtype)
-        if key != self._folded_key:
-            scale = m.float() / self.weight_norm()
+        def compute():
+            scale = self.lora_magnitude.float() / self.weight_norm()
             folded_b = scale[:, None] * self.scaling * self.lora_B.float()
-            self._folded = (self.lora_A.to(dtype), folded_b.to(dtype), scale.to(dtype))
-            self._folded_key = key
-        return self._folded
+            return self.lora_A.to(dtype), folded_b.to(dtype), scale.to(dtype)
+
+        tensors = (self.base_layer.weight, self.lora_A, self.lora_B, self.lora_magnitude)
+        return self._cached("folded", tensors, compute, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
