@@ -261,8 +261,8 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
         others["baseline"] = base_predictions
     chosen = spread_check(predictions, {}, spread_articles)
     if compare_adapters_off and chosen:
-        wanted = {p["profile"] for row in chosen for p in row["profiles"]}, {row["article"] for row in chosen}
-        subset = [i for i, p in enumerate(predictions) if p.article in wanted[1] and p.profile in wanted[0]]
+        articles = {row["article"] for row in chosen}
+        subset = [i for i, p in enumerate(predictions) if p.article in articles]
         with adapters_disabled(model):
             off = predict(model, tokenizer, [records[i] for i in subset], batch_size, max_new_tokens, progress,
                           desc="adapters off")

@@ -125,9 +125,8 @@ def tensor_plan(model: Qwen3ForCausalLM) -> list[PlannedTensor]:
     return plan
 
 
-def _encode(planned: PlannedTensor, quant: str) -> np.ndarray:
-    """The bytes to write for one tensor, in the type `_planned_type` announced for it."""
-    qtype = _planned_type(planned, quant)
+def _encode(planned: PlannedTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The bytes to write for one tensor, in the type announced for it in the header."""
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         return quantize_q8_0(planned.source)
     tensor = planned.source.whole()
@@ -240,10 +239,10 @@ def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
 
 # the export -----------------------------------------------------------------------------------------------
 
-def _stream(plan: list[PlannedTensor], quant: str) -> Iterator[np.ndarray]:
-    for planned in plan:
+def _stream(plan: list[PlannedTensor], qtypes: list[gguf.GGMLQuantizationType]) -> Iterator[np.ndarray]:
+    for planned, qtype in zip(plan, qtypes, strict=True):
         try:
-            yield _encode(planned, quant)
+            yield _encode(planned, qtype)
         except ExportError as error:
             raise ExportError(f"tensor {planned.name}: {error}; nothing was written") from None
 
@@ -264,14 +263,14 @@ def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path,
     try:
         _add_hyperparameters(writer, model, quant, name)
         _add_tokenizer(writer, tokenizer, model.config.vocab_size)
-        for planned in plan:
-            qtype = _planned_type(planned, quant)
+        qtypes = [_planned_type(planned, quant) for planned in plan]
+        for planned, qtype in zip(plan, qtypes, strict=True):
             writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned.shape, qtype),
                                    raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for data in _stream(plan, quant):
+        for data in _stream(plan, qtypes):
             writer.write_tensor_data(data)
         writer.close()
         os.replace(staging, target)

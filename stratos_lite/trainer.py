@@ -267,7 +267,8 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         tokens = 0
         for index, mb in enumerate(micro_batches):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
+            tokens += int(mb["lengths"].sum())  # counted on the CPU: no device sync per micro-batch
+            mb = {k: mb[k].to(self.device) for k in ("input_ids", "labels", "weight")}
             last = index == len(micro_batches) - 1
             sync = model.no_sync() if self.world_size > 1 and not last else nullcontext()
             with sync, self._autocast():
@@ -276,7 +277,6 @@ class Trainer:
             # DDP averages gradients over ranks; scaling by world size turns that average into the global sum.
             (loss * self.world_size).backward()
             loss_total += loss.detach()
-            tokens += int(mb["lengths"].sum())
         if self.world_size > 1:
             dist.all_reduce(loss_total)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)  # norm before clipping
