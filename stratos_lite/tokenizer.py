@@ -53,9 +53,14 @@ def render_prompt(messages: Sequence[Message]) -> str:
 
 
 def render_completion(answer: str, reasoning: str | None = None) -> str:
-    """The assistant's turn as the model must produce it: an optional think block, the answer, <|im_end|>."""
-    think = "" if reasoning is None else f"{THINK}\n{reasoning.strip()}\n{END_THINK}\n\n"
-    return f"{think}{answer.strip()}{IM_END}"
+    """The assistant's turn as the model must produce it: an optional think block, the answer, <|im_end|>.
+
+    The think block is laid out as Qwen3's chat template lays out the final assistant turn: the reasoning
+    loses its surrounding newlines (and only those), so our ids equal `apply_chat_template`'s."""
+    if reasoning is None:
+        return f"{answer.strip()}{IM_END}"
+    thoughts = reasoning.strip("\n")
+    return f"{THINK}\n{thoughts}\n{END_THINK}\n\n{answer.strip()}{IM_END}"
 
 
 @dataclass(frozen=True)

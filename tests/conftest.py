@@ -1,11 +1,16 @@
-"""Tiny random Qwen3 checkpoints written by transformers (the oracle), and a tiny ChatML tokenizer."""
+"""Tiny random Qwen3 checkpoints written by transformers (the oracle), a tiny ChatML tokenizer, and Qwen3's
+real tokenizer files (vendored)."""
 
 from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 
-from stratos_lite import train_chatml_tokenizer
+from stratos_lite import Tokenizer, train_chatml_tokenizer
 
 CORPUS = [
     "Senior geophysicist at KOC Kuwait follows seismic surveys, reservoir models and oil price news.",
@@ -59,3 +64,27 @@ def write_hf_checkpoint(folder, config: dict, seed: int = 0, dtype=torch.float32
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_chatml_tokenizer(CORPUS, vocab_size=400)
+
+
+pytest_plugins = ["pytester"]  # test_isolation runs a crashing suite in a subprocess and reads its summary
+
+QWEN3_FILES = {  # vendored, with their licence, in tests/data/qwen3 (see NOTICE.md there)
+    "tokenizer.json": "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    "tokenizer_config.json": "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63",
+}
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory):
+    """A folder holding Qwen3's real tokenizer.json and tokenizer_config.json, unpacked and checked."""
+    folder = tmp_path_factory.mktemp("qwen3-tokenizer")
+    for name, digest in QWEN3_FILES.items():
+        data = gzip.decompress((Path(__file__).parent / "data" / "qwen3" / f"{name}.gz").read_bytes())
+        assert hashlib.sha256(data).hexdigest() == digest, f"tests/data/qwen3/{name}.gz is not the vendored file"
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+    return Tokenizer.from_pretrained(qwen3_tokenizer_dir)

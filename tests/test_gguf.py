@@ -1,9 +1,11 @@
 """GGUF export: read back with gguf-py, q8_0 byte-identical to gguf.quants, and run in llama.cpp."""
 
+import llama_oracle
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, write_hf_checkpoint
+from isolation import call_in_child
 
 import stratos_lite as sl
 from stratos_lite.gguf_export import ExportError, RowBlocks, export_gguf, export_gguf_from_folder, quantize_q8_0
@@ -113,18 +115,6 @@ LLAMA_CASES = {
 }
 
 
-def llama_logits(path, tokens, f32_cache: bool):
-    from llama_cpp import Llama
-
-    options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
-    llm = Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2,
-                **options)
-    llm.eval(tokens)
-    scores = np.array(llm.scores[: len(tokens)])
-    llm.close()
-    return scores
-
-
 def give_clear_favourites_(model):
     """Random tiny models have near-tied top logits, so any rounding flips their argmax; a trained model
     has a clear favourite. Large embeddings read back through the output projection give one."""
@@ -140,9 +130,11 @@ def test_llama_cpp_runs_the_export_and_logits_match(tmp_path, tokenizer, name):
     give_clear_favourites_(model)
     with torch.no_grad():
         ours = model(torch.tensor([TOKENS]))[0].numpy()
-    f32 = llama_logits(export_gguf(model, tokenizer, tmp_path / "f32.gguf", quant="f32"), TOKENS, f32_cache=True)
+    f32_path = export_gguf(model, tokenizer, tmp_path / "f32.gguf", quant="f32")
+    f32 = call_in_child(llama_oracle.logits, f32_path, TOKENS, f32_cache=True)
     assert np.abs(f32 - ours).max() / np.abs(ours).max() < 1e-3
-    q8 = llama_logits(export_gguf(model, tokenizer, tmp_path / "q8.gguf", quant="q8_0"), TOKENS, f32_cache=False)
+    q8_path = export_gguf(model, tokenizer, tmp_path / "q8.gguf", quant="q8_0")
+    q8 = call_in_child(llama_oracle.logits, q8_path, TOKENS, f32_cache=False)
     assert np.abs(q8 - ours).max() / np.abs(ours).max() < 5e-2
     assert (q8.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
 

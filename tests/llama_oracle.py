@@ -1,0 +1,49 @@
+"""Calls into llama.cpp (llama-cpp-python), each meant to run through `isolation.call_in_child`.
+
+They take and return plain values (paths, lists, numpy arrays), so that the call crosses the process
+boundary, and each opens the file itself, since a llama.cpp handle cannot be pickled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _open(path, **options):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), verbose=False, n_threads=2, **options)
+
+
+def logits(path, tokens: list[int], f32_cache: bool) -> np.ndarray:
+    """llama.cpp's logits at every position of `tokens`, shape (len(tokens), vocab)."""
+    options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
+    llm = _open(path, n_ctx=128, n_batch=128, logits_all=True, **options)
+    llm.eval(tokens)
+    scores = np.array(llm.scores[: len(tokens)])
+    llm.close()
+    return scores
+
+
+def tokenize(path, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids llama.cpp gives each text from the GGUF's own vocabulary (no BOS added)."""
+    llm = _open(path, vocab_only=True)
+    ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=special) for text in texts]
+    llm.close()
+    return ids
+
+
+def detokenize(path, sequences: list[list[int]], special: bool) -> list[str]:
+    """The text llama.cpp renders back from each token sequence."""
+    llm = _open(path, vocab_only=True)
+    texts = [llm.detokenize(ids, special=special).decode("utf-8") for ids in sequences]
+    llm.close()
+    return texts
+
+
+def metadata(path) -> dict[str, str]:
+    """The GGUF key/value metadata as llama.cpp read it."""
+    llm = _open(path, vocab_only=True)
+    values = dict(llm.metadata)
+    llm.close()
+    return values
