@@ -3,12 +3,15 @@
 A checkpoint is a folder `checkpoint-{step:06d}` holding the trainable tensors (`trainable.safetensors`),
 the optimizer's tensors (`optimizer.safetensors`), RNG states (`rng.safetensors`), everything else as
 JSON (`state.json`: step, config, scheduler, sampler position, optimizer hyperparameters, metrics so far),
-and for DoRA models the adapter in PEFT's layout (`adapter/`). It is written under a temporary name and
-renamed when complete, so a kill mid-save leaves the previous checkpoint as it was.
+and for DoRA models the adapter in PEFT's layout (`adapter/`), plus `manifest.json`: the size and SHA-256
+of every other file. It is written under a temporary name and renamed when complete, so a kill mid-save
+leaves the previous checkpoint as it was; the manifest catches what goes wrong on disk afterwards (a
+truncated copy, a bad sector), and resuming skips a checkpoint that fails it for the newest one that passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,13 +20,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .dora import dora_layers, save_adapter
+from .files import load_safetensors, read_json
 from .model import CheckpointError
 
 PATTERN = re.compile(r"checkpoint-(\d{6})")
+MANIFEST = "manifest.json"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was passed over because it is damaged; the message names it and says why."""
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -76,13 +85,50 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
                                                    indent=1))
     if any(True for _ in dora_layers(model)):
         save_adapter(model, staging / "adapter", base_model_name_or_path)
+    (staging / MANIFEST).write_text(json.dumps(_describe_files(staging), indent=1))
     _fsync_tree(staging)
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+    if final.exists():  # the same step from an earlier run that was interrupted, or whose copy was damaged
         shutil.rmtree(final)
     os.replace(staging, final)
     for old in checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe_files(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under `folder` but the manifest, by path relative to it."""
+    return {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def checkpoint_damage(folder: str | Path) -> str | None:
+    """Why the checkpoint cannot be trusted (a file missing, of the wrong size or content), or None when
+    every file is as its manifest says it was written."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError) as error:
+        return f"{MANIFEST} is unreadable ({error})"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} holds {size} bytes, {expected['bytes']} were written"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match the SHA-256 written with it"
+    return None
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -95,16 +141,16 @@ def _fsync_tree(folder: Path) -> None:
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore trainable tensors, optimizer and RNG states; returns state.json's contents."""
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json")
     _load_trainable(folder / "trainable.safetensors", model)
     optimizer_json = state.pop("optimizer")
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    tensors = load_safetensors(folder / "optimizer.safetensors")
     per_param: dict[int, dict] = {}
     for key, value in [*tensors.items(), *optimizer_json["scalars"].items()]:
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": optimizer_json["param_groups"]})
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = load_safetensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
     if cuda and torch.cuda.is_available():
@@ -116,7 +162,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
 
 @torch.no_grad()
 def _load_trainable(path: Path, model: nn.Module) -> None:
-    stored = load_file(str(path))
+    stored = load_safetensors(path)
     params = trainable_state(model)
     missing, unexpected = sorted(params.keys() - stored.keys()), sorted(stored.keys() - params.keys())
     if missing or unexpected:

@@ -31,6 +31,8 @@ SYSTEM_PROMPT = (
     "10 (critical). Think about the reader's field, region and interests, then answer with JSON."
 )
 RECORD_FIELDS = ("profile_id", "profile", "article_id", "title", "article", "score", "reasoning")
+TEXT_FIELDS = ("profile", "title", "article", "reasoning")  # strings with something in them
+ID_FIELDS = ("profile_id", "article_id")  # strings, may be empty
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,17 @@ def _require(record: dict, names: Sequence[str]) -> None:
         raise ValueError(f"missing field {missing[0]!r}")
 
 
+def _read_text(record: dict, name: str, blank_ok: bool = False) -> str:
+    """A text field as given: a string (a number or list is refused, not turned into text), and not blank
+    unless `blank_ok`. The reason's first part, before ':', is what a skip is counted under."""
+    value = record[name]
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string: got {type(value).__name__} {value!r:.40}")
+    if not blank_ok and not value.strip():
+        raise ValueError(f"field {name!r} is blank")
+    return value
+
+
 def _read_score(record: dict) -> float:
     score = record.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
@@ -162,7 +175,9 @@ def parse_record(record: dict) -> ParsedRecord:
         turns = record["messages"]
         if not isinstance(turns, list) or not turns:
             raise ValueError("messages must be a non-empty list")
-        messages = [Message(t.get("role"), t.get("content", "")) for t in turns]
+        if not all(isinstance(t, dict) and {"role", "content"} <= t.keys() for t in turns):
+            raise ValueError("each message must be an object with a role and a content")
+        messages = [Message(t.get("role"), _read_text(t, "content", blank_ok=True)) for t in turns]
         if messages[-1].role != "assistant" or any(m.role == "assistant" for m in messages[:-1]):
             raise ValueError("the last message, and only it, must be the assistant's completion")
         if not messages[-1].content.strip():
@@ -171,11 +186,10 @@ def parse_record(record: dict) -> ParsedRecord:
                             str(record.get("profile_id", "")), str(record.get("article_id", "")), None)
     _require(record, RECORD_FIELDS)
     score = _read_score(record)
-    if not str(record["reasoning"]).strip():
-        raise ValueError("empty completion: the reasoning is empty")
-    fields = (str(record["profile"]), str(record["title"]), str(record["article"]))
-    return ParsedRecord(scoring_messages(*fields), scoring_completion(score, record["reasoning"]), score,
-                        str(record["profile_id"]), str(record["article_id"]), fields)
+    profile, title, article, reasoning = (_read_text(record, name) for name in TEXT_FIELDS)
+    profile_id, article_id = (_read_text(record, name, blank_ok=True) for name in ID_FIELDS)
+    return ParsedRecord(scoring_messages(profile, title, article), scoring_completion(score, reasoning), score,
+                        profile_id, article_id, (profile, title, article))
 
 
 def read_jsonl(path: str | Path, on_error: str = "raise") -> tuple[list[tuple[int, ParsedRecord]], Counter]:
@@ -217,6 +231,16 @@ def _fit_article(tokenizer: Tokenizer, parsed: ParsedRecord, max_len: int):
     return None, True
 
 
+def _why_empty(path, tokenizer: Tokenizer, records: list[ParsedRecord], max_len: int, skipped: Counter) -> str:
+    if not records:
+        skips = f" ({sum(skipped.values())} bad lines skipped)" if skipped else ""
+        return f"{path}: no records{skips}"
+    shortest = min(len(tokenizer.encode_chat(r.messages, r.completion).input_ids) for r in records)
+    return (f"{path}: none of its {len(records)} examples fits max_len={max_len}, even with the article text "
+            f"shortened; the shortest example is {shortest} tokens as written. Raise max_len or shorten the "
+            "profiles, titles or reasoning.")
+
+
 def contrastive_groups(examples: Sequence[Example], min_spread: float = 2.0) -> list[list[int]]:
     """Indices of examples sharing an article, scored for several profiles with a spread >= min_spread."""
     by_article: dict[str, list[int]] = defaultdict(list)
@@ -256,6 +280,8 @@ class ScoredDataset(torch.utils.data.Dataset):
             band = band_index(parsed.score, bands)
             examples.append(Example(ids, labels, parsed.score, band, bands[band].weight, parsed.profile_id,
                                     parsed.article_id, shortened))
+        if not examples:
+            raise DataError(_why_empty(path, tokenizer, [parsed for _, parsed in records], max_len, skipped))
         report = build_report(str(path), examples, bands, truncated, did_not_fit, dict(skipped))
         return cls(examples, bands, report)
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .data import SYSTEM_PROMPT, ScoredDataset
 from .demo import make_demo_data
 from .dora import adapters_disabled, apply_dora, merge_dora
 from .evaluate import evaluate
+from .files import read_toml
 from .gguf_export import export_gguf
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Tokenizer
@@ -47,8 +47,7 @@ class DemoConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> DemoConfig:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
+        values = read_toml(path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(values.keys() - known)
         if unknown:
@@ -97,7 +96,7 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     lap("base phase")
 
     model.to(torch.bfloat16)  # frozen base in bf16, adapters in fp32, autocast: the report's setup
-    print(apply_dora(model, dora_cfg.rank, dora_cfg.alpha, dora_cfg.dropout, dora_cfg.targets))
+    print(apply_dora(model, dora_cfg.rank, dora_cfg.alpha, dora_cfg.dropout, dora_cfg.targets, seed=dora_cfg.seed))
     result = Trainer(model, train_data, dora_cfg, pad_id=tokenizer.pad_id).train()
     lap("DoRA phase")
 

@@ -9,6 +9,7 @@ decoding with unmerged adapters costs about what LoRA costs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .files import open_safetensors, read_json
 from .model import CheckpointError
 from .tokenizer import Tokenizer
 from .weights import load_pretrained
@@ -59,7 +60,7 @@ def adapter_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 class DoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
         super().__init__()
         if base_layer.bias is not None:
             raise ValueError("DoRALinear wraps bias-free linears (Qwen3 has no biases)")
@@ -67,9 +68,11 @@ class DoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=dtype, device=weight.device))
+        # Drawn on the CPU, so one generator gives the same A on every device (and every rank).
+        lora_A = torch.empty(rank, base_layer.in_features, dtype=dtype)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)  # PEFT's default initialisation
+        self.lora_A = nn.Parameter(lora_A.to(weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
         self._cache: dict[str, tuple[tuple, object]] = {}
         self.lora_magnitude = nn.Parameter(self._base_row_norm_sq().sqrt().to(dtype))
         self.dropout = float(dropout)
@@ -188,9 +191,17 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one layer's initialisation, from the run's seed and the layer's name: the same
+    adapter comes out whatever order layers are wrapped in, and whatever else drew random numbers first."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def apply_dora(model: nn.Module, rank: int = 16, alpha: float = 32, dropout: float = 0.05,
-               targets=DEFAULT_TARGETS, dtype: torch.dtype = torch.float32) -> AdapterSummary:
-    """Wrap the target linears in DoRALinear and freeze everything else."""
+               targets=DEFAULT_TARGETS, dtype: torch.dtype = torch.float32, seed: int = 0) -> AdapterSummary:
+    """Wrap the target linears in DoRALinear and freeze everything else. `seed` fixes the initial A
+    matrices (B starts at zero); pass the run's seed (TrainConfig.seed) so one number governs the run."""
     model.requires_grad_(False)
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and _matches(name, targets)]
@@ -202,7 +213,8 @@ def apply_dora(model: nn.Module, rank: int = 16, alpha: float = 32, dropout: flo
             raise ValueError(f"target modules {unmatched} match no linear layer of the model")
     for name, linear in chosen:
         owner, _, attr = name.rpartition(".")
-        layer = DoRALinear(linear, rank, alpha, dropout, dtype).train(linear.training)  # keep eval/train mode
+        layer = DoRALinear(linear, rank, alpha, dropout, dtype, layer_generator(seed, name))
+        layer.train(linear.training)  # keep eval/train mode
         setattr(model.get_submodule(owner), attr, layer)
     return summarize(model, len(chosen))
 
@@ -273,7 +285,9 @@ def _read_adapter_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
-    config = json.loads(path.read_text())
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     problems = []
     if config.get("peft_type") != "LORA" or not config.get("use_dora"):
         problems.append("peft_type LORA with use_dora true is required")
@@ -300,7 +314,7 @@ def load_adapter(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
     layers = dict(dora_layers(model))
     expected = {k: v for name, layer in layers.items() for k, v in _peft_tensors(name, layer).items()}
     path = folder / WEIGHTS_NAME
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         stored = {k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: k for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         unexpected, missing = sorted(stored.keys() - expected.keys()), sorted(expected.keys() - stored.keys())
         if unexpected:

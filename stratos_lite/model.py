@@ -7,7 +7,6 @@ names with a prefix.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .files import read_json
 
 
 class CheckpointError(ValueError):
@@ -83,7 +84,7 @@ class Qwen3Config:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; a model folder needs config.json")
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_hf_dict(self, dtype: torch.dtype = torch.bfloat16) -> dict:
         """The config.json transformers writes for Qwen3 (both the old and the new rope keys)."""

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
+from .files import FileFormatError, read_json
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK, END_THINK = "<think>", "</think>"
 ROLES = ("system", "user", "assistant")
@@ -93,10 +95,16 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; a model folder needs tokenizer.json")
         config_path, template_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise FileFormatError(f"{config_path}: not a JSON object")
         if "chat_template" not in config and template_path.is_file():
             config["chat_template"] = template_path.read_text()
-        return cls(Backend.from_file(str(path)), config)
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception for files it cannot read
+            raise FileFormatError(f"{path}: not a tokenizer the tokenizers library reads: {error}") from None
+        return cls(backend, config)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -16,6 +16,7 @@ import math
 import os
 import time
 import tomllib
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWarning, checkpoint_damage, checkpoints, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, collate
 from .dora import DEFAULT_TARGETS, dora_layers, save_adapter
+from .files import read_toml
+from .model import CheckpointError
 from .sampler import BandSampler, format_verification, verify_sampler
 from .training_report import write_training_summary
 
@@ -82,34 +85,120 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        checks = {"mode": ("dora", "full"), "dtype": ("bfloat16", "float32"), "checkpoint_policy": ("layer", "mlp"),
-                  "loss_denominator": ("examples", "weights")}
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            problem = _setting_problem(spec.name, spec.type, value)
+            if problem:
+                raise ConfigError(spec.name, problem)
+            if spec.type == "float":  # an integer written for a float setting (lr = 1) is that float
+                setattr(self, spec.name, float(value))
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        return cls.from_dict(values, source=str(path), overrides=overrides)
+        return cls.from_dict(read_toml(path), source=str(path), overrides=overrides)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config", overrides: list[str] = ()) -> TrainConfig:
+        """Settings from a file's values, then `--set key=value` overrides; errors name where a bad value
+        came from (the file, or --set)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = dict(values)
+        values, origin = dict(values), dict.fromkeys(values, source)
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
-                raise ValueError(f"--set expects key=value, got {item!r}")
+                raise ConfigError("", f"--set expects key=value, got {item!r}")
             values[key.strip()] = _parse_value(raw.strip())
+            origin[key.strip()] = "--set"
         unknown = sorted(values.keys() - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
-        return cls(**values)
+            raise ConfigError(unknown[0], f"{origin[unknown[0]]}: unknown setting {unknown[0]!r}; "
+                                          f"known settings: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(error.setting, f"{origin.get(error.setting, source)}: {error}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A setting with a wrong type or value; `setting` names it, the message says what is allowed."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, float) or _is_int(value)) and not math.isnan(value)
+
+
+# Each annotation's test and its wording; then the allowed values of each setting beyond its type.
+_TYPES = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                  "a list of non-empty strings"),
+    "list[float]": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+}
+
+
+def _one_of(*allowed):
+    return lambda v: v in allowed, "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_POSITIVE_FINITE = (lambda v: 0 < v < math.inf, "> 0 and finite")
+_RANGES = {
+    "out_dir": (bool, "not empty"),
+    "mode": _one_of("dora", "full"),
+    "rank": _at_least(1),
+    "alpha": _POSITIVE_FINITE,
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "targets": (bool, "not empty"),
+    "max_len": _at_least(8),
+    "contrastive_boost": _POSITIVE_FINITE,
+    "loss_denominator": _one_of("examples", "weights"),
+    "verify_batches": _at_least(0),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "lr": _POSITIVE_FINITE,
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "adam_eps": _POSITIVE_FINITE,
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "epochs": _POSITIVE_FINITE,
+    "max_steps": _at_least(0),
+    "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
+    "dtype": _one_of("bfloat16", "float32"),
+    "checkpoint_policy": _one_of("layer", "mlp"),
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "save_every": _at_least(1),
+    "keep_checkpoints": _at_least(0),  # 0 keeps every checkpoint
+    "eval_every": _at_least(0),
+    "eval_examples": _at_least(1),
+    "max_nonfinite_steps": _at_least(0),
+}
+
+
+def _setting_problem(name: str, annotation: str, value) -> str | None:
+    """What is wrong with one setting's value (its name, the value and what is allowed), or None."""
+    is_type, kind = _TYPES[annotation]
+    in_range, allowed = _RANGES.get(name, (lambda v: True, ""))
+    if is_type(value) and in_range(value):
+        return None
+    return f"setting {name!r} = {value!r}: expected {kind}{', ' + allowed if allowed else ''}"
 
 
 def _parse_value(raw: str):
@@ -326,20 +415,38 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
+    def _newest_intact_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files match their manifest; damaged newer ones are named, skipped and
+        left on disk. Raises when checkpoints exist but none is intact (starting afresh would discard them)."""
+        damaged = []
+        for folder in reversed(checkpoints(self.out_dir)):
+            reason = checkpoint_damage(folder)
+            if reason is None:
+                return folder
+            damaged.append(f"{folder.name}: {reason}")
+            if self.rank == 0:
+                message = f"skipping damaged checkpoint {folder}: {reason} (left on disk as it is)"
+                warnings.warn(message, CheckpointWarning, stacklevel=2)
+                self._print(f"WARNING: {message}")
+        if damaged:
+            raise CheckpointError(f"{self.out_dir}: no intact checkpoint to resume from ({'; '.join(damaged)}). "
+                                  "Nothing was deleted: restore them, or move them aside to start afresh.")
+        return None
+
     def _resume(self, optimizer, scheduler, sampler) -> tuple[int, list[dict], int]:
-        found = checkpoints(self.out_dir)
-        if not found:
+        newest = self._newest_intact_checkpoint()
+        if newest is None:
             if self.rank == 0:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             return 0, [], 0
-        state = load_checkpoint(found[-1], self.model, optimizer)
+        state = load_checkpoint(newest, self.model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler_state = dict(state["sampler"], rank=self.rank)
         sampler.load_state_dict(sampler_state)
         metrics = state["metrics"]
         if self.rank == 0:  # forget logged steps after the checkpoint: they are about to be redone
             (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        self._print(f"resuming from {found[-1]} (step {state['step']})")
+        self._print(f"resuming from {newest} (step {state['step']})")
         return state["step"], metrics, state["nonfinite_skipped"]
 
     def _finish(self, metrics: list[dict], seconds: float) -> TrainResult:

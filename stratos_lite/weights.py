@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .files import read_json, safetensors_header
 from .model import CheckpointError, Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Tokenizer
 
@@ -31,7 +32,9 @@ def checkpoint_shards(folder: Path) -> dict[Path, set[str]]:
     (an empty set for a single-file checkpoint, whose contents are read from the file itself)."""
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
         shards: dict[Path, set[str]] = {}
         for name, file in weight_map.items():
             shards.setdefault(folder / file, set()).add(name)
@@ -53,21 +56,13 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_header(file) -> tuple[dict, int]:
-    """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
-    size = int.from_bytes(file.read(8), "little")
-    header = json.loads(file.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
 def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype,
                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor of a shard but those in `skip` (never read). Tensors already in `dtype` are memory-mapped
     (no copy); tensors to be cast are read one at a time into a buffer freed after the cast, so a shard's
     pages never pile up in memory beside the converted weights."""
+    header, data_start = safetensors_header(shard)
     with open(shard, "rb") as file, safe_open(str(shard), framework="pt", device="cpu") as mapped:
-        header, data_start = _read_header(file)
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{shard}: tensor {absent[0]!r} listed in the index is not in the file")
@@ -88,9 +83,7 @@ def _read_shard(shard: Path, promised: set[str], dtype: torch.dtype,
 
 def checkpoint_dtype(folder: str | Path) -> torch.dtype:
     """The dtype the checkpoint's tensors are stored in (that of its first tensor)."""
-    shard = next(iter(checkpoint_shards(Path(folder))))
-    with open(shard, "rb") as file:
-        header, _ = _read_header(file)
+    header, _ = safetensors_header(next(iter(checkpoint_shards(Path(folder)))))
     return _SAFETENSORS_DTYPES[next(iter(header.values()))["dtype"]]
 
 

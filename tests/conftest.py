@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stratos_lite import Tokenizer, train_chatml_tokenizer
+from stratos_lite.demo import make_demo_data
 
 CORPUS = [
     "Senior geophysicist at KOC Kuwait follows seismic surveys, reservoir models and oil price news.",
@@ -59,6 +60,14 @@ def write_hf_checkpoint(folder, config: dict, seed: int = 0, dtype=torch.float32
     model = hf_model(config, seed)
     model.to(dtype).save_pretrained(folder, max_shard_size=shard_size)
     return model.float()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """A small demo data set (train/eval JSONL and its tokenizer) for training runs."""
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_data(folder, train_articles=24, eval_articles=4, vocab_size=600)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,19 @@ def test_what_cannot_fit_is_counted_not_silently_dropped(tmp_path, tokenizer):
     (json.dumps({k: v for k, v in RECORD.items() if k != "title"}), "missing field 'title'"),
     (json.dumps(dict(RECORD, score=11)), "score 11 is outside 0-10"),
     (json.dumps(dict(RECORD, score="high")), "score must be a number"),
-    (json.dumps(dict(RECORD, reasoning="  ")), "empty completion"),
+    (json.dumps(dict(RECORD, reasoning="  ")), "field 'reasoning' is blank"),
+    (json.dumps(dict(RECORD, article=" \n\t ")), "field 'article' is blank"),
+    (json.dumps(dict(RECORD, profile="")), "field 'profile' is blank"),
+    (json.dumps(dict(RECORD, title="   ")), "field 'title' is blank"),
+    (json.dumps(dict(RECORD, profile=42)), "field 'profile' must be a string: got int 42"),
+    (json.dumps(dict(RECORD, article=["a", "b"])), r"field 'article' must be a string: got list \['a', 'b'\]"),
+    (json.dumps(dict(RECORD, title={"text": "x"})), "field 'title' must be a string: got dict"),
+    (json.dumps(dict(RECORD, reasoning=True)), "field 'reasoning' must be a string: got bool True"),
+    (json.dumps(dict(RECORD, profile_id=7)), "field 'profile_id' must be a string: got int 7"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}],
+                 "score": 1}), "field 'content' must be a string"),
+    (json.dumps({"messages": ["hello", {"role": "assistant", "content": "y"}], "score": 1}),
+     "each message must be an object with a role and a content"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}],
                  "score": 1}), "empty completion"),
     (json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}],
@@ -92,10 +104,28 @@ def test_bad_lines_name_file_and_line(tmp_path, tokenizer, line, message):
 
 
 def test_skip_mode_counts_bad_lines(tmp_path, tokenizer):
-    path = write(tmp_path, [RECORD, "{oops", json.dumps(dict(RECORD, score=-1)), RECORD])
-    ds = ScoredDataset.from_jsonl(path, tokenizer, on_error="skip")
+    rows = [RECORD, "{oops", json.dumps(dict(RECORD, score=-1)), dict(RECORD, profile=42), dict(RECORD, article=" "),
+            dict(RECORD, article=3.5), RECORD]
+    ds = ScoredDataset.from_jsonl(write(tmp_path, rows), tokenizer, on_error="skip")
     assert len(ds) == 2
-    assert ds.report.skipped_lines == {"malformed JSON": 1, "score -1 is outside 0-10": 1}
+    assert ds.report.skipped_lines == {"malformed JSON": 1, "score -1 is outside 0-10": 1,
+                                       "field 'profile' must be a string": 1, "field 'article' is blank": 1,
+                                       "field 'article' must be a string": 1}
+
+
+def test_dataset_where_nothing_fits_stops_with_counts_and_lengths(tmp_path, tokenizer):
+    rows = [dict(RECORD, reasoning="Long thought. " * 100), dict(RECORD, profile="Engineer. " * 150)]
+    path = write(tmp_path, rows)
+    shortest = min(len(ScoredDataset.from_jsonl(write(tmp_path, [r], f"{i}.jsonl"), tokenizer, max_len=4096)[0]
+                       ["input_ids"]) for i, r in enumerate(rows))
+    with pytest.raises(DataError, match=rf"{path}: none of its 2 examples fits max_len=200, even with the article "
+                                        rf"text shortened; the shortest example is {shortest} tokens as written"):
+        ScoredDataset.from_jsonl(path, tokenizer, max_len=200)
+
+
+def test_file_with_no_usable_record_stops(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"no records \(2 bad lines skipped\)"):
+        ScoredDataset.from_jsonl(write(tmp_path, ["{oops", "[1]"]), tokenizer, on_error="skip")
 
 
 def test_report_counts_bands_and_contrastive_groups(tmp_path, tokenizer):

@@ -29,7 +29,7 @@ def train_from_config(config: sl.TrainConfig) -> sl.TrainResult:
     dtype = torch.bfloat16 if config.dtype == "bfloat16" and config.mode == "dora" else torch.float32
     model, tokenizer = sl.load_pretrained(config.model, dtype=dtype, device=device())
     if config.mode == "dora":
-        print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets))
+        print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
     train = sl.ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
     train.report.write(config.out_dir)
     print(train.report.to_markdown())
