@@ -15,7 +15,7 @@ from .gguf_export import ExportError, export_gguf, export_gguf_from_folder
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
-from .trainer import NonFiniteError, TrainConfig, Trainer, TrainResult
+from .trainer import NonFiniteError, TrainConfig, Trainer, TrainResult, compute_dtype
 from .weights import load_model, load_pretrained, save_pretrained
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "adapters_disabled",
     "apply_dora",
     "collate",
+    "compute_dtype",
     "export_gguf",
     "export_gguf_from_folder",
     "generate",

@@ -24,7 +24,7 @@ from .files import read_toml
 from .gguf_export import export_gguf
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, compute_dtype
 from .weights import save_pretrained
 
 
@@ -58,7 +58,7 @@ class DemoConfig:
 
 
 def _phase_config(config: DemoConfig, phase: str) -> TrainConfig:
-    shared = {"out_dir": str(Path(config.out_dir) / phase), "seed": config.seed, "dtype": "bfloat16",
+    shared = {"out_dir": str(Path(config.out_dir) / phase), "seed": config.seed, "dtype": "auto",
               "gradient_checkpointing": False, "warmup_ratio": 0.05, "max_grad_norm": 1.0}
     return TrainConfig(**{**shared, **getattr(config, phase)})
 
@@ -95,7 +95,8 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     save_pretrained(model, tokenizer, out / "base_model", dtype=torch.float32)
     lap("base phase")
 
-    model.to(torch.bfloat16)  # frozen base in bf16, adapters in fp32, autocast: the report's setup
+    # Frozen base in the compute dtype (bf16 where native: the report's setup), adapters in fp32.
+    model.to(compute_dtype(dora_cfg.dtype, torch.device("cpu")))
     print(apply_dora(model, dora_cfg.rank, dora_cfg.alpha, dora_cfg.dropout, dora_cfg.targets, seed=dora_cfg.seed))
     result = Trainer(model, train_data, dora_cfg, pad_id=tokenizer.pad_id).train()
     lap("DoRA phase")

@@ -72,7 +72,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     max_grad_norm: float = 1.0
-    dtype: str = "bfloat16"  # or "float32"
+    dtype: str = "bfloat16"  # or "float32", or "auto": bf16 where the device computes it natively
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
     seed: int = 0
@@ -181,7 +181,7 @@ _RANGES = {
     "epochs": _POSITIVE_FINITE,
     "max_steps": _at_least(0),
     "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
-    "dtype": _one_of("bfloat16", "float32"),
+    "dtype": _one_of("bfloat16", "float32", "auto"),
     "checkpoint_policy": _one_of("layer", "mlp"),
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     "save_every": _at_least(1),
@@ -207,6 +207,24 @@ def _parse_value(raw: str):
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16, and CPUs with AVX512-BF16
+    or AMX (what oneDNN checks). On other CPUs bf16 is emulated: a demo step measured 24x slower than fp32 on
+    an AVX2-only AMD EPYC (benchmarks/RESULTS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype TrainConfig.dtype asks for on `device` ("auto": bf16 where native, else fp32)."""
+    if setting == "auto":
+        return torch.bfloat16 if bf16_is_native(device) else torch.float32
+    return getattr(torch, setting)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -289,7 +307,7 @@ class Trainer:
             tqdm.write(text)
 
     def _autocast(self):
-        if self.config.dtype == "bfloat16":
+        if compute_dtype(self.config.dtype, self.device) == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -299,6 +317,9 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if config.dtype == "bfloat16" and not bf16_is_native(self.device):
+            self._print(f"WARNING: dtype bfloat16 on a {self.device.type} without native bf16 runs emulated, many "
+                        "times slower than float32; dtype = 'auto' picks float32 here.")
         for flag, why in RISKY_ENV_FLAGS.items():
             if os.environ.get(flag, "0") not in ("", "0"):
                 self._print(f"WARNING: {flag}={os.environ[flag]} is set: {why}. Unset it if gradients go NaN.")

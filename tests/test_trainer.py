@@ -258,3 +258,15 @@ def test_contrastive_boost_reaches_the_sampler(demo_dir):
     assert grouped.any() and not torch.allclose(plain, boosted)
     ratio = boosted[grouped] / plain[grouped]
     assert ratio.max() > 1 and ratio.min() >= 1 - 1e-12  # members drawn more often (where a band has others)
+
+
+def test_auto_dtype_trains_as_the_dtype_it_resolves_to(demo_dir, tmp_path):
+    resolved = sl.compute_dtype("auto", torch.device("cpu"))
+    assert resolved in (torch.bfloat16, torch.float32)
+    assert sl.compute_dtype("float32", torch.device("cpu")) == torch.float32
+    losses = {}
+    for setting in ("auto", {torch.bfloat16: "bfloat16", torch.float32: "float32"}[resolved]):
+        model, dataset, tok = build(str(demo_dir), dropout=0.0)
+        Trainer(model, dataset, quick_config(tmp_path / setting, dtype=setting, max_steps=2), pad_id=tok.pad_id).train()
+        losses[setting] = [json.loads(line)["loss"] for line in (tmp_path / setting / "metrics.jsonl").open()]
+    assert losses["auto"] == next(v for k, v in losses.items() if k != "auto")

@@ -26,7 +26,8 @@ def device() -> torch.device:
 
 
 def train_from_config(config: sl.TrainConfig) -> sl.TrainResult:
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" and config.mode == "dora" else torch.float32
+    # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
+    dtype = sl.compute_dtype(config.dtype, device()) if config.mode == "dora" else torch.float32
     model, tokenizer = sl.load_pretrained(config.model, dtype=dtype, device=device())
     if config.mode == "dora":
         print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
