@@ -8,6 +8,7 @@ clipping, checkpoints) -> evaluation before and after (adapters off vs on) -> me
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import time
@@ -102,24 +103,30 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     lap("DoRA phase")
 
     model.eval()
+    # Exported from the unmerged model (DoRA is merged block by block on the way out), so that the
+    # evaluation can still switch the adapters off, and can score the shipped file beside the model.
+    gguf_path = export_gguf(model, tokenizer, out / "scorer-q8_0.gguf", quant="q8_0", name="stratos-demo-scorer",
+                            system_prompt=SYSTEM_PROMPT)
+    lap("q8_0 export")
+
     settings = dict(batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
     with adapters_disabled(model):
         before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
                           spread_articles=config.eval["spread_articles"], **settings)
+    shipped = [gguf_path] if importlib.util.find_spec("llama_cpp") else []  # llama.cpp is an optional extra
     after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
                      spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
-                     **settings)
+                     gguf=shipped, **settings)
     lap("evaluation")
 
     merge_dora(model)
     save_pretrained(model, tokenizer, out / "merged")
-    gguf_path = export_gguf(model, tokenizer, out / "scorer-q8_0.gguf", quant="q8_0", name="stratos-demo-scorer",
-                            system_prompt=SYSTEM_PROMPT)
-    lap("merge + export")
+    lap("merge")
 
     summary = {"timings_s": timings, "total_s": sum(timings.values()), "train_steps": result.steps,
                "final_loss": result.final_loss, "mean_training_score": _mean_score(train_data),
                "before": _headline(before), "after": _headline(after),
+               "gguf": {name: _headline(row) for name, row in after.get("engines", {}).items()},
                "paths": {"data": str(out / "data"), "base_model": str(out / "base_model"),
                          "dora_run": str(out / "dora"), "adapter": str(out / "dora" / "adapter"),
                          "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
@@ -131,9 +138,13 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
 
 
 def _headline(result: dict) -> dict:
-    keys = ("direction_accuracy", "mae", "spearman", "psr", "think_empty_rate", "parse_failures", "examples")
+    keys = ("direction_accuracy", "mae", "spearman", "psr", "think_empty_rate", "parse_failures", "examples",
+            "examples_per_s")
     spreads = result.get("spread_check", [])
     headline = {k: result[k] for k in keys}
+    if "agreement" in result:
+        headline["agreement_within_0_5"] = result["agreement"]["within_0_5"]
+        headline["prompt_checks_failed"] = sum(not c["ok"] for c in result["prompt_checks"])
     if spreads:
         headline["truth_spread"] = sum(r["truth_spread"] for r in spreads) / len(spreads)
         headline["predicted_spread"] = sum(r["model_spread"] for r in spreads) / len(spreads)
@@ -158,16 +169,21 @@ def format_summary(summary: dict) -> str:
             return "n/a"
         return f"{100 * value:.1f}%" if percent else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
-    before, after = summary["before"], summary["after"]
+    after = summary["after"]
+    columns = {"adapters off": summary["before"], "adapters on": after, **summary.get("gguf", {})}
     rows = [("direction accuracy", "direction_accuracy", True), ("MAE", "mae", False),
             ("Spearman rho", "spearman", False), ("PSR", "psr", True), ("think empty", "think_empty_rate", True),
-            ("parse failures", "parse_failures", False)]
-    lines = ["", f"{'metric':<22}{'adapters off':>14}{'adapters on':>14}", "-" * 50]
-    lines += [f"{name:<22}{cell(before[key], pct):>14}{cell(after[key], pct):>14}" for name, key, pct in rows]
+            ("parse failures", "parse_failures", False), ("examples/s", "examples_per_s", False),
+            ("agrees with torch", "agreement_within_0_5", True),
+            ("served prompt errors", "prompt_checks_failed", False)]
+    width = 22 + 20 * len(columns)
+    lines = ["", f"{'metric':<22}" + "".join(f"{name:>20}" for name in columns), "-" * width]
+    lines += [f"{name:<22}" + "".join(f"{cell(c.get(key), pct):>20}" for c in columns.values())
+              for name, key, pct in rows]
     if "truth_spread" in after:
         lines.append(f"{'spread (truth ' + format(after['truth_spread'], '.2f') + ')':<22}"
-                     f"{cell(after.get('adapters_off_spread')):>14}{cell(after['predicted_spread']):>14}")
-    lines += ["-" * 50, f"MAE of always answering the training mean ({summary['mean_training_score']:.2f}): "
+                     f"{cell(after.get('adapters_off_spread')):>20}{cell(after['predicted_spread']):>20}")
+    lines += ["-" * width, f"MAE of always answering the training mean ({summary['mean_training_score']:.2f}): "
               f"{summary['constant_mae']:.3f}",
               "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
               + f"; total {summary['total_s']:.0f} s", "", "outputs:"]

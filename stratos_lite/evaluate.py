@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
-from .data import ParsedRecord, read_jsonl
+from .data import DEFAULT_BANDS, Band, ParsedRecord, band_index, read_jsonl
 from .dora import adapters_disabled
-from .generate import generate
+from .engines import LlamaCppEngine, TorchEngine, timed_complete
+from .eval_charts import confusion_svg, scatter_svg
+from .serving import served_prompt_checks
 
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 TIERS = ((0.8, "Excellent"), (0.7, "Strong"), (0.65, "Good"), (0.5, "Moderate"), (-math.inf, "Weak"))
@@ -78,24 +79,19 @@ class Prediction:
     raw: str
 
 
-def predict(model, tokenizer, parsed: Sequence[ParsedRecord], batch_size: int = 16, max_new_tokens: int = 160,
-            progress: bool = True, desc: str = "evaluate") -> list[Prediction]:
-    """Greedy, KV-cached generation for each record (sorted by prompt length to batch with little padding)."""
+def predict(engine, tokenizer, parsed: Sequence[ParsedRecord], max_new_tokens: int = 160,
+            progress: bool = True) -> tuple[list[Prediction], float]:
+    """Greedy completions of each record's prompt ids by `engine` (see engines.py), parsed; and the
+    engine's examples per second."""
     prompts = [tokenizer.encode_prompt(p.messages) for p in parsed]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        chunk = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
-        texts.update({i: tokenizer.decode(out) for i, out in zip(chunk, outputs, strict=True)})
+    outputs, rate = timed_complete(engine, prompts, max_new_tokens, tokenizer.stop_ids, progress)
     predictions = []
-    for i, p in enumerate(parsed):
-        reading = parse_completion(texts[i])
-        predictions.append(Prediction(i, p.profile_id, p.article_id, p.title, p.score,
-                                      reading.score, len(reading.think.strip()), reading.status,
-                                      reading.think_empty, texts[i]))
-    return predictions
+    for i, (p, ids) in enumerate(zip(parsed, outputs, strict=True)):
+        text = tokenizer.decode(ids)
+        reading = parse_completion(text)
+        predictions.append(Prediction(i, p.profile_id, p.article_id, p.title, p.score, reading.score,
+                                      len(reading.think.strip()), reading.status, reading.think_empty, text))
+    return predictions, rate
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -131,7 +127,34 @@ def metrics(predictions: Sequence[Prediction], threshold: float = 5.0) -> dict:
     result["psr_articles"] = len(multi)
     result["psr"] = (float(np.mean([_spread([r.predicted for r in rows]) >= 2 for rows in multi]))
                      if multi else None)
+    result["band_confusion"] = band_confusion(predictions)
     return result
+
+
+def band_confusion(predictions: Sequence[Prediction], bands: Sequence[Band] = DEFAULT_BANDS) -> dict:
+    """Counts of (true band, predicted band) over the parsed examples, and the MAE within each true band
+    (the rare high bands are where a scorer earns its keep)."""
+    matrix = [[0] * len(bands) for _ in bands]
+    errors: dict[int, list[float]] = defaultdict(list)
+    for p in predictions:
+        if p.predicted is not None:
+            true_band = band_index(p.truth, bands)
+            matrix[true_band][band_index(p.predicted, bands)] += 1
+            errors[true_band].append(abs(p.predicted - p.truth))
+    return {"bands": [b.name for b in bands], "matrix": matrix,
+            "mae": [float(np.mean(errors[i])) if errors[i] else None for i in range(len(bands))]}
+
+
+def agreement(predictions: Sequence[Prediction], reference: Sequence[Prediction]) -> dict:
+    """How closely one engine's scores follow another's: the share of all examples that both parsed with
+    scores within 0.5 points, and the Spearman between the two engines' scores where both parsed."""
+    pairs = [(p.predicted, r.predicted) for p, r in zip(predictions, reference, strict=True)
+             if p.predicted is not None and r.predicted is not None]
+    ours, theirs = (np.array(side) for side in zip(*pairs, strict=True)) if pairs else (np.zeros(0), np.zeros(0))
+    return {"compared": len(pairs),
+            "within_0_5": float(np.mean(np.abs(ours - theirs) <= 0.5) * len(pairs) / len(predictions))
+            if predictions and pairs else None,
+            "spearman": _spearman(ours, theirs)}
 
 
 def _spearman(truth: np.ndarray, pred: np.ndarray) -> float | None:
@@ -238,21 +261,49 @@ def load_eval_records(path: str | Path, limit: int = 0) -> list[ParsedRecord]:
     return records[:limit] if limit else records
 
 
+def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], reference: Sequence[Prediction],
+                  out_dir: Path, max_new_tokens: int = 160, threshold: float = 5.0, progress: bool = True,
+                  **engine_options) -> dict:
+    """The same records through llama.cpp: metrics, throughput, agreement with `reference` (the torch
+    model's predictions) and the served-prompt checks; writes predictions_<file stem>.jsonl."""
+    path = Path(path)
+    engine = LlamaCppEngine(path, **engine_options)
+    try:
+        modelfile = path.with_name("Modelfile")
+        checks = served_prompt_checks(engine.llm, tokenizer, records[0].messages,
+                                      modelfile if modelfile.is_file() else None)
+        predictions, rate = predict(engine, tokenizer, records, max_new_tokens, progress)
+    finally:
+        engine.close()
+    write_predictions(predictions, out_dir / f"predictions_{path.stem}.jsonl")
+    return {**metrics(predictions, threshold), "examples_per_s": rate, "file": str(path),
+            "agreement": agreement(predictions, reference), "prompt_checks": [c.to_dict() for c in checks],
+            "predictions": predictions}
+
+
 def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, baseline: str | Path | None = None,
              compare_adapters_off: bool = True, spread_articles: int = 5, threshold: float = 5.0,
              batch_size: int = 16, max_new_tokens: int = 160, limit: int = 0, progress: bool = True,
-             labels: tuple[str, str] = ("baseline", "model")) -> dict:
+             labels: tuple[str, str] = ("baseline", "model"), gguf: Sequence[str | Path] = (),
+             gguf_options: dict | None = None) -> dict:
     """Evaluate `model` on an eval JSONL; write predictions.jsonl, metrics.json and eval_report.md.
 
     compare_adapters_off: also score the profile-awareness articles with the adapters disabled (the base
     model), side by side. baseline: a predictions.jsonl of another model for a two-column report, whose
-    columns are headed by `labels` (baseline, this model)."""
+    columns are headed by `labels` (baseline, this model). gguf: exported files to run through llama.cpp
+    on the same prompts, each a column of the report beside the torch model, with its agreement and the
+    check of the prompts servers will build from it (`gguf_options` go to LlamaCppEngine)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_eval_records(eval_path, limit)
-    predictions = predict(model, tokenizer, records, batch_size, max_new_tokens, progress)
+    predictions, rate = predict(TorchEngine(model, tokenizer.pad_id, batch_size), tokenizer, records, max_new_tokens,
+                                progress)
     write_predictions(predictions, out / "predictions.jsonl")
     result = metrics(predictions, threshold)
+    result["examples_per_s"] = rate
+    engines = {Path(path).name: evaluate_gguf(path, tokenizer, records, predictions, out, max_new_tokens, threshold,
+                                              progress, **(gguf_options or {})) for path in gguf}
+    charts = write_charts(out, {labels[1]: predictions} | {n: e.pop("predictions") for n, e in engines.items()})
     others: dict[str, Sequence[Prediction]] = {}
     baseline_metrics = None
     if baseline:
@@ -264,8 +315,8 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
         articles = {row["article"] for row in chosen}
         subset = [i for i, p in enumerate(predictions) if p.article in articles]
         with adapters_disabled(model):
-            off = predict(model, tokenizer, [records[i] for i in subset], batch_size, max_new_tokens, progress,
-                          desc="adapters off")
+            off, _ = predict(TorchEngine(model, tokenizer.pad_id, batch_size, name="adapters off"), tokenizer,
+                             [records[i] for i in subset], max_new_tokens, progress)
         write_predictions(off, out / "predictions_adapters_off.jsonl")
         by_index = dict(zip(subset, off, strict=True))
         others["adapters_off"] = [by_index.get(i, Prediction(i, p.profile, p.article, p.title, p.truth, None, 0,
@@ -275,6 +326,73 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     result["spread_check"] = spreads
     if baseline_metrics:
         result["baseline"] = {k: v for k, v in baseline_metrics.items() if k != "per_profile"}
+    if engines:
+        result["engines"] = engines
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "eval_report.md").write_text(report_markdown(result, spreads, baseline_metrics, labels))
+    report = report_markdown(result, spreads, baseline_metrics, labels) + engines_markdown(labels[1], result, engines)
+    (out / "eval_report.md").write_text(report + bands_markdown(charts, {labels[1]: result, **engines}))
     return result
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_charts(out: Path, columns: dict[str, Sequence[Prediction]]) -> dict[str, tuple[str, str]]:
+    """scatter_<engine>.svg and bands_<engine>.svg beside the report; returns their names per engine."""
+    names = {}
+    for name, predictions in columns.items():
+        scatter, bands = f"scatter_{_slug(name)}.svg", f"bands_{_slug(name)}.svg"
+        (out / scatter).write_text(scatter_svg([p.truth for p in predictions], [p.predicted for p in predictions],
+                                               f"{name}: predicted vs true score"))
+        (out / bands).write_text(confusion_svg(band_confusion(predictions), f"{name}: bands"))
+        names[name] = (scatter, bands)
+    return names
+
+
+ENGINE_ROWS = (*AGGREGATE_ROWS, ("Parse failures", "parse_failures", False), ("Examples/s", "examples_per_s", False))
+
+
+def engines_markdown(torch_name: str, result: dict, engines: dict[str, dict]) -> str:
+    """The torch model and each GGUF side by side, their agreement, and the served-prompt checks."""
+    if not engines:
+        return ""
+    columns = {torch_name: result, **engines}
+    lines = ["", "## Engines side by side", "", "| Metric | " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, key, percent in ENGINE_ROWS:
+        cells = [str(c[key]) if key == "parse_failures" else _fmt(c[key], 2 if key == "examples_per_s" else 3,
+                                                                  percent) for c in columns.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tiers = lambda c: ", ".join(f"{t} {sum(r['tier'] == t for r in c['per_profile'].values())}" for _, t in TIERS)
+    lines.append("| Per-profile tiers | " + " | ".join(tiers(c) for c in columns.values()) + " |")
+    for label, key, percent in (("Agreement with torch (abs diff <= 0.5)", "within_0_5", True),
+                                ("Spearman with torch", "spearman", False)):
+        lines.append(f"| {label} | - | " + " | ".join(_fmt(e["agreement"][key], percent=percent)
+                                                     for e in engines.values()) + " |")
+    lines += ["", "## Prompts servers will build", "",
+              "Each GGUF's chat template and Modelfile rendered for the first example's messages, tokenized by the "
+              "GGUF's own vocabulary, against the prompt ids the model was trained on.", ""]
+    for name, engine in engines.items():
+        failed = [c for c in engine["prompt_checks"] if not c["ok"]]
+        if failed:
+            lines.append(f"**WARNING: {name}: {len(failed)} way(s) of serving it build a prompt that differs from "
+                         "the training prompt; served scores will not be the scores measured here.**")
+        lines += [f"- {name}, {c['server']}: {'OK' if c['ok'] else 'MISMATCH'}: {c['detail']}"
+                  for c in engine["prompt_checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def bands_markdown(charts: dict[str, tuple[str, str]], columns: dict[str, dict]) -> str:
+    """Per engine: the true x predicted band table with each band's MAE, and its two pictures."""
+    lines = ["", "## Scores by band", ""]
+    for name, result in columns.items():
+        confusion = result["band_confusion"]
+        names = confusion["bands"]
+        lines += [f"### {name}", "", "| true \\ predicted | " + " | ".join(names) + " | MAE |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        lines += [f"| {band} | " + " | ".join(str(n) for n in row) + f" | {_fmt(mae, 2)} |"
+                  for band, row, mae in zip(names, confusion["matrix"], confusion["mae"], strict=True)]
+        scatter, bands = charts[name]
+        lines += ["", f"![{name}: predicted vs true]({scatter}) ![{name}: bands]({bands})", ""]
+    return "\n".join(lines)

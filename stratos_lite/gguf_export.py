@@ -214,10 +214,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, rows: int) -> 
     writer.add_chat_template(tokenizer.chat_template)
 
 
+# Ollama hands the template every message in .Messages, system ones included (and joins those in .System
+# as well), so the template renders .Messages alone: adding .System would send the system prompt twice.
 MODELFILE_TEMPLATE = '''FROM ./{gguf_name}
-TEMPLATE """{{{{- if .System }}}}<|im_start|>system
-{{{{ .System }}}}<|im_end|>
-{{{{ end }}}}{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}
+TEMPLATE """{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}
 {{{{ .Content }}}}<|im_end|>
 {{{{ end }}}}<|im_start|>assistant
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .eval_charts import svg_open
+
 
 def _phase(step: int, total: int, warmup: int) -> str:
     if step <= warmup:
@@ -57,8 +59,7 @@ def loss_curve_svg(metrics: list[dict], width: int = 640, height: int = 320) -> 
         coords = " ".join(f"{x_of(s):.1f},{y_of(v):.1f}" for s, v in series)
         return f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>'
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11">', '<rect width="100%" height="100%" fill="white"/>',
+    parts = [*svg_open(width, height),
              f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
              f'<text x="{pad}" y="{pad - 8}">loss (train: blue, held-out: orange)</text>',

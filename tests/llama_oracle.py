@@ -47,3 +47,29 @@ def metadata(path) -> dict[str, str]:
     values = dict(llm.metadata)
     llm.close()
     return values
+
+
+def evaluate_with_gguf(model_dir, eval_path, out_dir, gguf_path) -> dict:
+    """stratos_lite's evaluation of a saved model and of its GGUF export side by side (f32 KV cache)."""
+    import torch
+
+    import stratos_lite as sl
+    from stratos_lite.evaluate import evaluate
+
+    model, tokenizer = sl.load_pretrained(model_dir, dtype=torch.float32)
+    return evaluate(model, tokenizer, eval_path, out_dir, batch_size=4, max_new_tokens=24, progress=False,
+                    compare_adapters_off=False, gguf=[gguf_path], gguf_options={"f32_cache": True, "n_ctx": 512})
+
+
+def prompt_checks(gguf_path, tokenizer_dir, modelfile=None) -> list[dict]:
+    """stratos_lite.serving's checks of the prompts servers build from a GGUF (and its Modelfile)."""
+    import stratos_lite as sl
+    from stratos_lite.data import scoring_messages
+    from stratos_lite.serving import served_prompt_checks
+
+    tokenizer = sl.Tokenizer.from_pretrained(tokenizer_dir)
+    llm = _open(gguf_path, vocab_only=True)
+    messages = scoring_messages("Geophysicist, Kuwait.", "Oil output rises", "KOC said output rose.")
+    checks = [c.to_dict() for c in served_prompt_checks(llm, tokenizer, messages, modelfile)]
+    llm.close()
+    return checks

@@ -36,7 +36,7 @@ TOOLS = Path(__file__).parent.parent / "tools"
     ("gradient_checkpointing", '"yes"', "true or false"),
     ("targets", '["q_proj", 3]', "a list of non-empty strings, not empty"),
     ("adam_betas", "[0.9]", r"a list of numbers, two values in \[0, 1\)"),
-    ("dtype", '"fp16"', "a string, one of 'bfloat16', 'float32'"),
+    ("dtype", '"fp16"', "a string, one of 'bfloat16', 'float32', 'auto'"),
 ])
 def test_bad_settings_are_refused_from_toml_set_and_python(tmp_path, setting, value, allowed):
     shown = re.escape(repr(tomllib.loads(f"v = {value}")["v"]))

@@ -1,13 +1,15 @@
-"""The demo pipeline end to end at a tiny size: every output exists and parses."""
+"""The demo pipeline end to end at a tiny size: every output exists and parses. It runs in a child process
+because the demo evaluates its q8_0 GGUF in llama.cpp (tests/isolation.py)."""
 
 import json
 
 import gguf
+from isolation import call_in_child
 
 from stratos_lite.demo_run import DemoConfig, run_demo
 
 
-def test_demo_pipeline_tiny(tmp_path, capsys):
+def test_demo_pipeline_tiny(tmp_path, capfd):
     config = DemoConfig(
         out_dir=str(tmp_path / "demo"),
         data={"train_articles": 16, "eval_articles": 3, "profiles_per_article": 3, "vocab_size": 600},
@@ -20,7 +22,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
               "max_len": 384, "save_every": 2, "verify_batches": 50},
         eval={"batch_size": 16, "max_new_tokens": 12, "spread_articles": 2},
     )
-    summary = run_demo(config)
+    summary = call_in_child(run_demo, config)
     out = tmp_path / "demo"
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["examples"] == 9 and "baseline" in metrics
@@ -36,5 +38,8 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert json.loads((out / "dataset_report.json").read_text())["bands"][0]["name"] == "noise"
     assert json.loads((out / "summary.json").read_text())["paths"]["gguf"] == str(out / "scorer-q8_0.gguf")
     assert summary["after"]["examples"] == 9
-    printed = capsys.readouterr().out
-    assert "adapters off" in printed and str(out / "scorer-q8_0.gguf") in printed
+    shipped = summary["gguf"]["scorer-q8_0.gguf"]
+    assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0
+    assert (out / "eval" / "predictions_scorer-q8_0.jsonl").is_file()
+    printed = capfd.readouterr().out
+    assert "adapters off" in printed and "scorer-q8_0.gguf" in printed and str(out / "scorer-q8_0.gguf") in printed

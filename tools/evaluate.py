@@ -1,9 +1,11 @@
 """Evaluate a model by generation on an eval JSONL: predictions.jsonl, metrics.json, eval_report.md.
 
     python tools/evaluate.py --model models/base --adapter runs/v2/adapter --eval-data data/eval.jsonl \\
-        --out runs/v2/eval [--baseline runs/v1/eval/predictions.jsonl]
+        --out runs/v2/eval [--baseline runs/v1/eval/predictions.jsonl] [--gguf runs/v2/scorer-q8_0.gguf ...]
 
-With an adapter, the profile-awareness articles are also scored with the adapter off, side by side.
+With an adapter, the profile-awareness articles are also scored with the adapter off, side by side. Each
+--gguf file runs the same prompts through llama.cpp (pip install 'stratos_lite[gguf]') as a column of its
+own, with its agreement with the torch model and a check of the prompts servers build from it.
 """
 
 import argparse
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows")
+    parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
+                        help="an exported GGUF to evaluate in llama.cpp beside the torch model (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -34,9 +38,11 @@ def main() -> None:
     result = evaluate(model, tokenizer, args.eval_data, args.out, baseline=args.baseline,
                       compare_adapters_off=bool(args.adapter), spread_articles=args.spread_articles,
                       threshold=args.threshold, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit)
-    print(f"direction accuracy {result['direction_accuracy']}, MAE {result['mae']}, Spearman {result['spearman']}, "
-          f"parse failures {result['parse_failures']}/{result['examples']}; report in {args.out}/eval_report.md")
+                      limit=args.limit, gguf=args.gguf)
+    for name, row in {"torch": result, **result.get("engines", {})}.items():
+        print(f"{name}: direction accuracy {row['direction_accuracy']}, MAE {row['mae']}, Spearman {row['spearman']}, "
+              f"parse failures {row['parse_failures']}/{row['examples']}, {row['examples_per_s']:.2f} examples/s")
+    print(f"report in {args.out}/eval_report.md")
 
 
 if __name__ == "__main__":

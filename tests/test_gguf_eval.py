@@ -1,0 +1,118 @@
+"""The exported GGUF evaluated in llama.cpp beside the torch model, and the prompts servers build from it.
+Every llama.cpp call runs in a child process (tests/isolation.py)."""
+
+import json
+
+import llama_oracle
+import pytest
+import torch
+from conftest import tiny_config, write_hf_checkpoint
+from isolation import call_in_child
+
+import stratos_lite as sl
+from stratos_lite import gguf_export
+from stratos_lite.data import SYSTEM_PROMPT, scoring_messages
+from stratos_lite.serving import ollama_prompt, render_go_template
+
+ROWS = [{"profile_id": f"p{k % 3}", "profile": f"Reader {k % 3}, field {k % 2}", "article_id": f"a{k // 3}",
+         "title": f"Story {k // 3}", "article": "Output rose.", "score": float(k), "reasoning": f"Because {k}."}
+        for k in range(6)]
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory, tokenizer):
+    """A tiny Qwen3 overfitted on six scored rows (so that it answers in the scorer's format), saved as an HF
+    folder and exported as an f32 GGUF with its Modelfile."""
+    folder = tmp_path_factory.mktemp("scorer")
+    eval_path = folder / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_hf_checkpoint(folder / "random", tiny_config(vocab_size=tokenizer.vocab_size, hidden_size=96,
+                                                       intermediate_size=192))
+    model = sl.load_model(folder / "random", dtype=torch.float32)
+    data = sl.ScoredDataset.from_jsonl(eval_path, tokenizer, max_len=256)
+    config = sl.TrainConfig(mode="full", lr=1e-2, max_steps=80, batch_size=6, grad_accum=1, dtype="float32",
+                            band_sampling=False, verify_batches=0, progress=False, gradient_checkpointing=False,
+                            save_every=1000, out_dir=str(folder / "train"))
+    sl.Trainer(model, data, config, pad_id=tokenizer.pad_id).train()
+    sl.save_pretrained(model.eval(), tokenizer, folder / "model")
+    gguf = sl.export_gguf(model, tokenizer, folder / "scorer-f32.gguf", quant="f32", system_prompt=SYSTEM_PROMPT)
+    return folder, eval_path, gguf
+
+
+def test_gguf_evaluation_agrees_with_torch_on_every_example(scorer, tmp_path):
+    folder, eval_path, gguf = scorer
+    result = call_in_child(llama_oracle.evaluate_with_gguf, folder / "model", eval_path, tmp_path, gguf)
+    torch_rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").open()]
+    gguf_rows = [json.loads(line) for line in (tmp_path / "predictions_scorer-f32.jsonl").open()]
+    assert [r["raw"] for r in gguf_rows] == [r["raw"] for r in torch_rows]
+    assert [r["predicted"] for r in gguf_rows] == [r["predicted"] for r in torch_rows]
+    assert sum(r["predicted"] is not None for r in torch_rows) >= 4  # the model answers in the format
+    engine = result["engines"]["scorer-f32.gguf"]
+    assert engine["agreement"]["within_0_5"] == 1.0 and engine["examples_per_s"] > 0
+    assert all(check["ok"] for check in engine["prompt_checks"]), engine["prompt_checks"]
+    assert len(engine["prompt_checks"]) == 5
+    report = (tmp_path / "eval_report.md").read_text()
+    assert "## Engines side by side" in report and "| Agreement with torch (abs diff <= 0.5) | - | 100.0% |" in report
+    assert "MISMATCH" not in report and "WARNING" not in report
+    for name in ("scatter_model.svg", "bands_model.svg", "scatter_scorer-f32.gguf.svg", "bands_scorer-f32.gguf.svg"):
+        assert (tmp_path / name).read_text().startswith("<svg") and f"]({name})" in report
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["engines"]["scorer-f32.gguf"]["parse_failures"] == saved["parse_failures"]
+
+
+def test_altered_chat_template_is_caught(tmp_path, tokenizer):
+    model = write_and_load(tmp_path, tokenizer)
+    altered = sl.Tokenizer(tokenizer.backend, {**tokenizer.config, "chat_template": tokenizer.chat_template.replace(
+        "message['role'] + '\\n'", "message['role'] + ' \\n'")})
+    path = sl.export_gguf(model, altered, tmp_path / "altered.gguf", quant="f32", modelfile=False)
+    checks = {c["server"]: c for c in call_in_child(llama_oracle.prompt_checks, path, tmp_path / "tok")}
+    jinja = checks["llama-cpp-python Jinja (embedded template)"]
+    assert not jinja["ok"] and "differs at token" in jinja["detail"]
+    assert checks["our prompt, tokenized by the GGUF's vocabulary"]["ok"]
+
+
+def test_altered_tokenizer_metadata_is_caught(tmp_path, tokenizer, monkeypatch):
+    model = write_and_load(tmp_path, tokenizer)
+    real = gguf_export.vocabulary
+
+    def im_start_as_plain_text(tok, rows):
+        tokens, types, merges = real(tok, rows)
+        types[tok.im_start_id] = gguf_export.gguf.TokenType.NORMAL  # no longer parsed as a special token
+        return tokens, types, merges
+
+    monkeypatch.setattr(gguf_export, "vocabulary", im_start_as_plain_text)
+    path = sl.export_gguf(model, tokenizer, tmp_path / "altered.gguf", quant="f32", system_prompt=SYSTEM_PROMPT)
+    checks = call_in_child(llama_oracle.prompt_checks, path, tmp_path / "tok", tmp_path / "Modelfile")
+    assert checks and not any(c["ok"] for c in checks)
+
+
+def test_modelfile_that_repeats_the_system_prompt_is_caught(tmp_path, tokenizer):
+    model = write_and_load(tmp_path, tokenizer)
+    path = sl.export_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32", system_prompt=SYSTEM_PROMPT)
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(modelfile.read_text().replace(
+        'TEMPLATE """', 'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'))
+    checks = {c["server"]: c for c in call_in_child(llama_oracle.prompt_checks, path, tmp_path / "tok", modelfile)}
+    assert not checks["Ollama (Modelfile TEMPLATE)"]["ok"]
+    assert checks["llama.cpp chat formatting (embedded template)"]["ok"]
+
+
+def write_and_load(tmp_path, tokenizer):
+    write_hf_checkpoint(tmp_path / "hf", tiny_config(vocab_size=tokenizer.vocab_size))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    return sl.load_model(tmp_path / "hf", dtype=torch.float32)
+
+
+def test_go_template_renderer_reads_our_modelfile_as_ollama_does(tmp_path):
+    messages = scoring_messages("Geophysicist.", "Oil", "Output rose.")
+    gguf_export.write_modelfile(tmp_path / "m.gguf", SYSTEM_PROMPT)
+    assert ollama_prompt(tmp_path / "Modelfile", messages) == sl.render_prompt(messages)
+    assert ollama_prompt(tmp_path / "Modelfile", messages[1:]) == sl.render_prompt(messages)  # SYSTEM fills in
+    template = "{{- if .System }}S:{{ .System }}\n{{ end }}{{- range .Messages }}[{{ .Role }}] {{ .Content }}\n" \
+               "{{- end }}{{ if .Tools }}tools{{ else }} done{{ end }}"
+    values = {"System": "sys", "Messages": [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}]}
+    assert render_go_template(template, values) == "S:sys\n[user] hi[assistant] yo done"
+    with pytest.raises(ValueError, match="unsupported template action"):
+        render_go_template("{{ .Messages | len }}", values)
+    with pytest.raises(ValueError, match="has no"):
+        render_go_template("{{ if .System }}x", values)
