@@ -42,8 +42,8 @@ class DemoConfig:
                                                 "grad_accum": 1, "band_sampling": False, "max_len": 384,
                                                 "save_every": 500})
     dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-3,
-                                                "max_steps": 600, "batch_size": 8, "grad_accum": 2,
-                                                "max_len": 384, "save_every": 200})
+                                                "max_steps": 250, "batch_size": 8, "grad_accum": 2,
+                                                "max_len": 384, "save_every": 100})
     eval: dict = field(default_factory=lambda: {"batch_size": 64, "max_new_tokens": 96, "spread_articles": 5})
 
     @classmethod

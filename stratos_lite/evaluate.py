@@ -263,9 +263,10 @@ def load_eval_records(path: str | Path, limit: int = 0) -> list[ParsedRecord]:
 
 def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], reference: Sequence[Prediction],
                   out_dir: Path, max_new_tokens: int = 160, threshold: float = 5.0, progress: bool = True,
-                  **engine_options) -> dict:
-    """The same records through llama.cpp: metrics, throughput, agreement with `reference` (the torch
-    model's predictions) and the served-prompt checks; writes predictions_<file stem>.jsonl."""
+                  **engine_options) -> tuple[dict, list[Prediction]]:
+    """The same records through llama.cpp: its predictions (also written to predictions_<file stem>.jsonl)
+    and their metrics, throughput, agreement with `reference` (the torch model's predictions) and the
+    served-prompt checks."""
     path = Path(path)
     engine = LlamaCppEngine(path, **engine_options)
     try:
@@ -276,9 +277,9 @@ def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], 
     finally:
         engine.close()
     write_predictions(predictions, out_dir / f"predictions_{path.stem}.jsonl")
-    return {**metrics(predictions, threshold), "examples_per_s": rate, "file": str(path),
-            "agreement": agreement(predictions, reference), "prompt_checks": [c.to_dict() for c in checks],
-            "predictions": predictions}
+    summary = {**metrics(predictions, threshold), "examples_per_s": rate, "file": str(path),
+               "agreement": agreement(predictions, reference), "prompt_checks": [c.to_dict() for c in checks]}
+    return summary, predictions
 
 
 def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, baseline: str | Path | None = None,
@@ -301,9 +302,13 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     write_predictions(predictions, out / "predictions.jsonl")
     result = metrics(predictions, threshold)
     result["examples_per_s"] = rate
-    engines = {Path(path).name: evaluate_gguf(path, tokenizer, records, predictions, out, max_new_tokens, threshold,
-                                              progress, **(gguf_options or {})) for path in gguf}
-    charts = write_charts(out, {labels[1]: predictions} | {n: e.pop("predictions") for n, e in engines.items()})
+    columns = {labels[1]: predictions}
+    engines: dict[str, dict] = {}
+    for path in gguf:
+        name = Path(path).name
+        engines[name], columns[name] = evaluate_gguf(path, tokenizer, records, predictions, out, max_new_tokens,
+                                                     threshold, progress, **(gguf_options or {}))
+    charts = write_charts(out, columns)
     others: dict[str, Sequence[Prediction]] = {}
     baseline_metrics = None
     if baseline:

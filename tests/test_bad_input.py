@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_hf_checkpoint
 from safetensors.torch import load_file
-from train_child import build
+from train_child import build, save_base
 
 import stratos_lite as sl
 from stratos_lite.checkpoint import CheckpointWarning, checkpoints
@@ -199,9 +199,7 @@ def test_apply_dora_initialisation_follows_its_seed():
 
 
 def test_same_config_twice_gives_bitwise_identical_runs(demo_dir, tmp_path):
-    model, _, tok = build(str(demo_dir), dropout=0.0)
-    sl.merge_dora(model)
-    sl.save_pretrained(model, tok, tmp_path / "base")
+    save_base(str(demo_dir), tmp_path / "base")
     config = tmp_path / "run.toml"
     config.write_text(f'model = "{tmp_path / "base"}"\ntrain_data = "{demo_dir / "train.jsonl"}"\nrank = 2\n'
                       'alpha = 4\ndropout = 0.1\nmax_len = 256\nmax_steps = 4\nbatch_size = 2\ngrad_accum = 2\n'

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from train_child import build
+from train_child import build, save_base
 
 import stratos_lite as sl
 from stratos_lite import checkpoint as checkpoint_module
@@ -236,9 +236,7 @@ def test_v2_scorer_recipe_is_one_config_file():
 
 
 def test_train_tool_runs_a_config_file(demo_dir, tmp_path):
-    model, _, tok = build(str(demo_dir), dropout=0.0)
-    sl.merge_dora(model)
-    sl.save_pretrained(model, tok, tmp_path / "base")
+    save_base(str(demo_dir), tmp_path / "base")
     config = tmp_path / "run.toml"
     config.write_text(f'model = "{tmp_path / "base"}"\ntrain_data = "{demo_dir / "train.jsonl"}"\n'
                       f'out_dir = "{tmp_path / "out"}"\nrank = 2\nalpha = 4\nmax_len = 256\n')

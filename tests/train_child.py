@@ -37,6 +37,13 @@ def build(data_dir: str, dropout: float):
     return model, dataset, tokenizer
 
 
+def save_base(data_dir: str, folder) -> None:
+    """The model of `build` with its fresh adapter merged, saved as an HF folder for tools/train.py runs."""
+    model, _, tokenizer = build(data_dir, dropout=0.0)
+    sl.merge_dora(model)
+    sl.save_pretrained(model, tokenizer, folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir")
