@@ -68,7 +68,8 @@ def test_toml_syntax_error_names_the_file(tmp_path):
         TrainConfig.from_toml(path)
     result = subprocess.run([sys.executable, str(TOOLS / "train.py"), "--config", str(path)], capture_output=True,
                             text=True)
-    assert result.returncode != 0 and f"{path}: not valid TOML" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {path}: not valid TOML")
+    assert "Traceback" not in result.stderr  # bad input is a message for the user, not a crash
 
 
 # -- files a model folder is made of ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from stratos_lite.cli import run
 from stratos_lite.dora import load_pretrained_with_adapter
 from stratos_lite.evaluate import evaluate
 
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

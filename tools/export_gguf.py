@@ -7,6 +7,7 @@ Ollama Modelfile beside it.
 
 import argparse
 
+from stratos_lite.cli import run
 from stratos_lite.data import SYSTEM_PROMPT
 from stratos_lite.gguf_export import QUANTS, export_gguf_from_folder
 
@@ -26,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

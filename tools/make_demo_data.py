@@ -5,6 +5,7 @@
 
 import argparse
 
+from stratos_lite.cli import run
 from stratos_lite.demo import make_demo_data
 
 
@@ -24,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import stratos_lite as sl
+from stratos_lite.cli import run
 
 
 def main() -> None:
@@ -26,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from stratos_lite.cli import run
 from stratos_lite.data import scoring_messages
 from stratos_lite.dora import load_pretrained_with_adapter
 from stratos_lite.evaluate import parse_completion
@@ -53,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import stratos_lite as sl
+from stratos_lite.cli import run
 from stratos_lite.demo_run import DemoConfig, run_demo
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
@@ -55,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
