@@ -270,6 +270,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.rank, self.world_size = _distributed_rank()
         self.device = next(model.parameters()).device
+        self.compute_dtype = compute_dtype(config.dtype, self.device)  # resolved once, not per micro-batch
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (apply_dora, or mode='full')")
@@ -307,7 +308,7 @@ class Trainer:
             tqdm.write(text)
 
     def _autocast(self):
-        if compute_dtype(self.config.dtype, self.device) == torch.bfloat16:
+        if self.compute_dtype == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
