@@ -317,16 +317,8 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
         others["baseline"] = base_predictions
     chosen = spread_check(predictions, {}, spread_articles)
     if compare_adapters_off and chosen:
-        articles = {row["article"] for row in chosen}
-        subset = [i for i, p in enumerate(predictions) if p.article in articles]
-        with adapters_disabled(model):
-            off, _ = predict(TorchEngine(model, tokenizer.pad_id, batch_size, name="adapters off"), tokenizer,
-                             [records[i] for i in subset], max_new_tokens, progress)
-        write_predictions(off, out / "predictions_adapters_off.jsonl")
-        by_index = dict(zip(subset, off, strict=True))
-        others["adapters_off"] = [by_index.get(i, Prediction(i, p.profile, p.article, p.title, p.truth, None, 0,
-                                                             "not scored", True, ""))
-                                  for i, p in enumerate(predictions)]
+        others["adapters_off"] = _adapters_off_column(model, tokenizer, records, predictions, chosen, out,
+                                                      batch_size, max_new_tokens, progress)
     spreads = spread_check(predictions, others, spread_articles)
     result["spread_check"] = spreads
     if baseline_metrics:
@@ -337,6 +329,21 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     report = report_markdown(result, spreads, baseline_metrics, labels) + engines_markdown(labels[1], result, engines)
     (out / "eval_report.md").write_text(report + bands_markdown(charts, {labels[1]: result, **engines}))
     return result
+
+
+def _adapters_off_column(model, tokenizer, records, predictions, chosen, out: Path, batch_size: int,
+                         max_new_tokens: int, progress: bool) -> list[Prediction]:
+    """The base model's predictions (adapters bypassed) on the profile-awareness articles `chosen`, written
+    to predictions_adapters_off.jsonl; every other example stands as "not scored"."""
+    articles = {row["article"] for row in chosen}
+    subset = [i for i, p in enumerate(predictions) if p.article in articles]
+    with adapters_disabled(model):
+        off, _ = predict(TorchEngine(model, tokenizer.pad_id, batch_size, name="adapters off"), tokenizer,
+                         [records[i] for i in subset], max_new_tokens, progress)
+    write_predictions(off, out / "predictions_adapters_off.jsonl")
+    by_index = dict(zip(subset, off, strict=True))
+    return [by_index.get(i, Prediction(i, p.profile, p.article, p.title, p.truth, None, 0, "not scored", True, ""))
+            for i, p in enumerate(predictions)]
 
 
 def _slug(name: str) -> str:
