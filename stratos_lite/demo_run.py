@@ -2,7 +2,8 @@
 
 data + tokenizer -> a small random Qwen3 -> base phase (full fine-tuning on profile-blind labels, like the
 report's V1) -> DoRA phase (the report's recipe: band sampling, loss weights, accumulation, cosine,
-clipping, checkpoints) -> evaluation before and after (adapters off vs on) -> merge -> q8_0 GGUF.
+clipping, checkpoints) -> q8_0 GGUF (exported from the unmerged model) -> evaluation with the adapters
+off and on, and of the GGUF in llama.cpp when it is installed -> merged HF folder.
 """
 
 from __future__ import annotations

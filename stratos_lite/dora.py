@@ -286,8 +286,6 @@ def _read_adapter_config(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
     config = read_json(path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
     problems = []
     if config.get("peft_type") != "LORA" or not config.get("use_dora"):
         problems.append("peft_type LORA with use_dora true is required")

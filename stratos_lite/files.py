@@ -18,11 +18,15 @@ class FileFormatError(ValueError):
     """A file that does not parse as what it should be; the message names the file and the reason."""
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path) -> dict:
+    """A JSON file holding one object (every JSON file a model folder or checkpoint has is one)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FileFormatError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise FileFormatError(f"{path}: not a JSON object but a {type(value).__name__}")
+    return value
 
 
 def read_toml(path: str | Path) -> dict:

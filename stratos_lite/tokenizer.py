@@ -96,8 +96,6 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: not found; a model folder needs tokenizer.json")
         config_path, template_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
         config = read_json(config_path) if config_path.is_file() else {}
-        if not isinstance(config, dict):
-            raise FileFormatError(f"{config_path}: not a JSON object")
         if "chat_template" not in config and template_path.is_file():
             config["chat_template"] = template_path.read_text()
         try:

@@ -211,8 +211,8 @@ def _parse_value(raw: str):
 
 def bf16_is_native(device: torch.device) -> bool:
     """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16, and CPUs with AVX512-BF16
-    or AMX (what oneDNN checks). On other CPUs bf16 is emulated: a demo step measured 24x slower than fp32 on
-    an AVX2-only AMD EPYC (benchmarks/RESULTS.md)."""
+    or AMX (what oneDNN checks). On other CPUs bf16 is emulated: a demo step measured 25x slower than fp32 on
+    an AVX2-only AMD EPYC (benchmarks/dtype_speed.py)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -85,6 +85,9 @@ def test_config_json_that_is_not_json(model_dir):
     (model_dir / "config.json").write_text('{"model_type": "qwen3", hidden_size: 64}')
     with pytest.raises(FileFormatError, match=rf"^{model_dir / 'config.json'}: not valid JSON: Expecting property"):
         sl.load_model(model_dir)
+    (model_dir / "config.json").write_text('["qwen3"]')
+    with pytest.raises(FileFormatError, match=rf"^{model_dir / 'config.json'}: not a JSON object but a list"):
+        sl.load_model(model_dir)
 
 
 @pytest.mark.parametrize(("keep", "why"), [(4, "shorter than its length prefix"), (40, "the header claims"),
@@ -188,9 +191,7 @@ def test_no_intact_checkpoint_stops_and_deletes_nothing(demo_dir, tmp_path):
 def test_apply_dora_initialisation_follows_its_seed():
     def adapters(seed, draw_first):
         torch.manual_seed(draw_first)  # whatever the global generator did before must not matter
-        model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**{k: v for k, v in tiny_config().items()
-                                                      if k not in ("architectures", "model_type", "hidden_act",
-                                                                   "attention_bias", "bos_token_id")}))
+        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(tiny_config()))
         sl.apply_dora(model, rank=2, alpha=4, seed=seed)
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
 
