@@ -126,9 +126,15 @@ def test_evaluate_and_score_tools(tmp_path, tokenizer):
     (tmp_path / "eval.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(dict(row, profile_id="q")) + "\n")
     common = ["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--dtype", "float32",
               "--max-new-tokens", "4"]
-    subprocess.run([sys.executable, "tools/evaluate.py", *common, "--eval-data", str(tmp_path / "eval.jsonl"),
-                    "--out", str(tmp_path / "out")], check=True)
-    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"predictions.jsonl", "metrics.json", "eval_report.md"}
+    gguf = sl.export_gguf(model, tokenizer, tmp_path / "shipped.gguf", quant="f32")
+    arguments = [*common, "--eval-data", str(tmp_path / "eval.jsonl"), "--out", str(tmp_path / "out"),
+                 "--gguf", str(gguf)]
+    evaluated = subprocess.run([sys.executable, "tools/evaluate.py", *arguments], check=True, capture_output=True,
+                               text=True).stdout  # llama.cpp runs in the tool's own process, not in pytest's
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"predictions.jsonl", "metrics.json", "eval_report.md",
+                                                              "predictions_shipped.jsonl", "scatter_shipped.gguf.svg"}
+    assert "shipped.gguf: direction accuracy" in evaluated
+    assert "shipped.gguf" in json.loads((tmp_path / "out" / "metrics.json").read_text())["engines"]
     printed = subprocess.run([sys.executable, "tools/score.py", *common, "--profile", "Geophysicist", "--title",
                               "Oil", "--article", "Oil rose."], check=True, capture_output=True, text=True).stdout
     assert json.loads(printed.strip().splitlines()[-1])["title"] == "Oil"
