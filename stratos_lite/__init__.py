@@ -13,6 +13,7 @@ from .dora import (
 from .generate import generate
 from .gguf_export import ExportError, export_gguf, export_gguf_from_folder
 from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
+from .plan import Plan, PlanError, plan
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
 from .trainer import NonFiniteError, TrainConfig, Trainer, TrainResult, compute_dtype
@@ -31,6 +32,8 @@ __all__ = [
     "KVCache",
     "Message",
     "NonFiniteError",
+    "Plan",
+    "PlanError",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "ScoredDataset",
@@ -49,6 +52,7 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "merge_dora",
+    "plan",
     "render_completion",
     "render_prompt",
     "save_adapter",

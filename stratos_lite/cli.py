@@ -15,10 +15,11 @@ from .engines import EngineError
 from .files import FileFormatError
 from .gguf_export import ExportError
 from .model import CheckpointError
+from .plan import PlanError
 from .trainer import ConfigError, NonFiniteError
 
 INPUT_ERRORS = (ConfigError, FileFormatError, DataError, CheckpointError, ExportError, EngineError, NonFiniteError,
-                FileNotFoundError)
+                PlanError, FileNotFoundError)
 
 
 def run(main: Callable[[], None]) -> None:

@@ -295,6 +295,16 @@ class Qwen3ForCausalLM(nn.Module):
         (b, t) mask; when given, only those positions go through the vocabulary projection and the result
         is (n, vocab) in row-major order, which saves most of the lm_head's time and memory in training.
         """
+        h = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               kv_caches=kv_caches)
+        if logits_mask is not None:
+            h = h[logits_mask]
+        return self.lm_head(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None,
+                      kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The final normed hidden states (b, t, hidden): everything forward() does before the vocabulary."""
         b, t = input_ids.shape
         start = kv_caches[0].length if kv_caches else 0
         if position_ids is None:
@@ -310,10 +320,7 @@ class Qwen3ForCausalLM(nn.Module):
                 h = checkpoint(layer, h, cos, sin, attention_mask, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attention_mask, cache)
-        h = self.model.norm(h)
-        if logits_mask is not None:
-            h = h[logits_mask]
-        return self.lm_head(h)
+        return self.model.norm(h)
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:
         c, ref = self.config, self.model.embed_tokens.weight

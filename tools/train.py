@@ -2,42 +2,24 @@
 
     python tools/train.py                                          # the whole demo pipeline -> runs/demo
     python tools/train.py --config configs/v2_scorer.toml [--set key=value ...]
+    python tools/train.py --config FILE --plan [--probe 3] [--memory 24GB]   # will it fit, how long?
     torchrun --nproc_per_node N tools/train.py --config FILE       # data parallel
 
-A training run resumes from the newest checkpoint in its out_dir when there is one.
+Every run is planned first (memory per rank, without loading weights) and stops before loading when the
+plan does not fit. A training run resumes from the newest checkpoint in its out_dir when there is one.
 """
 
 import argparse
 import os
 from pathlib import Path
 
-import torch
-
 import stratos_lite as sl
 from stratos_lite.cli import run
 from stratos_lite.demo_run import DemoConfig, run_demo
+from stratos_lite.plan import check_fits, probe
+from stratos_lite.run import train_from_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():  # ROCm builds answer here too
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def train_from_config(config: sl.TrainConfig) -> sl.TrainResult:
-    # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
-    dtype = sl.compute_dtype(config.dtype, device()) if config.mode == "dora" else torch.float32
-    model, tokenizer = sl.load_pretrained(config.model, dtype=dtype, device=device())
-    if config.mode == "dora":
-        print(sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
-    train = sl.ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
-    train.report.write(config.out_dir)
-    print(train.report.to_markdown())
-    evaluation = (sl.ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)
-                  if config.eval_data and config.eval_every else None)
-    return sl.Trainer(model, train, config, eval_dataset=evaluation, pad_id=tokenizer.pad_id).train()
 
 
 def main() -> None:
@@ -45,13 +27,28 @@ def main() -> None:
     parser.add_argument("--config", help="a TOML file of TrainConfig settings (without it: the demo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting (repeatable), e.g. --set lr=2e-5")
+    parser.add_argument("--plan", action="store_true", help="print the memory and time plan and stop")
+    parser.add_argument("--probe", type=int, default=0, metavar="N",
+                        help="with --plan: time N real steps and project the run's wall time")
+    parser.add_argument("--memory", help="plan against this much memory (e.g. 24GB) instead of this device's")
+    parser.add_argument("--no-plan-check", action="store_true", help="train even when the plan says it won't fit")
     parser.add_argument("--demo-config", default=str(DEMO_CONFIG), help="the demo's settings (configs/demo.toml)")
     parser.add_argument("--reuse", action="store_true", help="demo: keep what an earlier run left in its out_dir")
     args = parser.parse_args()
     if not args.config:
         run_demo(DemoConfig.from_toml(args.demo_config), reuse=args.reuse)
         return
-    result = train_from_config(sl.TrainConfig.from_toml(args.config, args.set))
+    config = sl.TrainConfig.from_toml(args.config, args.set)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.plan or not args.no_plan_check:
+        the_plan = sl.plan(config, memory=args.memory, world_size=world_size)
+        if args.plan:
+            if args.probe:
+                probe(config, args.probe, the_plan)
+            print(the_plan)
+            return
+        check_fits(the_plan)
+    result = train_from_config(config)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
 
 

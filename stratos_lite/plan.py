@@ -1,0 +1,463 @@
+"""Will it fit, and how long will it take? A memory and time plan for a training run, made before loading.
+
+Nothing is loaded but config.json, the tokenizer and the data. The model is built under FakeTensorMode
+(tensors with shapes and dtypes but no storage), wrapped in DoRA as training wraps it, and one micro-batch
+of `batch_size x max_len` runs forward and backward through the same modules, checkpointing and autocast
+as a real step, while a dispatch mode adds up the bytes of every tensor the step creates and takes them
+off again when they are freed. So the activation figures come from the code that will run, not from a
+formula that could drift from it: a change to the model, DoRA or the checkpoint policy changes the plan.
+
+    peak = weights + adapters + optimizer state + gradients (kept across micro-batches when accumulating)
+           + the simulated micro-batch's peak (saved activations + the largest temporary on top of them)
+
+The simulated step differs from a real one in one place only: a real step picks the completion positions
+with a boolean mask (a data-dependent shape, which fake tensors cannot have), the simulation takes the same
+number of positions as a slice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .data import IGNORE_INDEX, ScoredDataset
+from .dora import apply_dora
+from .model import Qwen3Config, Qwen3ForCausalLM
+from .run import default_device, train_from_config
+from .tokenizer import Tokenizer
+from .trainer import TrainConfig, compute_dtype
+from .weights import parse_size
+
+GB = 1e9
+
+
+class PlanError(ValueError):
+    """The run does not fit the device; the message holds the plan and what to change."""
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes held by tensors created under this mode: added when an op allocates a new storage, taken off
+    when Python frees it (storages keep their Python object, so a weak reference sees the free). Views
+    allocate nothing and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def mark(self) -> int:
+        """Start a new peak measurement from here; returns the bytes held now."""
+        self.peak = self.now
+        return self.now
+
+    def _free(self, size: int) -> None:
+        self.now -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        for spec, tensor in zip(func._schema.returns, outputs, strict=False):
+            if isinstance(tensor, torch.Tensor) and spec.alias_info is None:
+                storage = tensor.untyped_storage()
+                if storage not in self._seen:
+                    size = self._seen[storage] = storage.nbytes()
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, size)
+        return out
+
+
+@dataclass
+class Activity:
+    """What one simulated micro-batch holds: bytes saved for backward when the forward is done, bytes of
+    the vocabulary projection at the loss, and the step's peak (all on top of the persistent state)."""
+    saved: int
+    logits: int
+    peak: int
+
+
+def _fake_model(model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype) -> Qwen3ForCausalLM:
+    """The model as training holds it (frozen base in `dtype` and fp32 adapters, or all fp32 for full
+    fine-tuning), built from fake tensors. Call inside the FakeTensorMode."""
+    weights_dtype = dtype if config.mode == "dora" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(weights_dtype)  # created in their dtype: no fp32 copy to cast from
+    try:
+        model = Qwen3ForCausalLM(model_config)
+    finally:
+        torch.set_default_dtype(previous)
+    if config.mode == "dora":
+        apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed)
+    else:
+        model.requires_grad_(True)
+    model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
+    return model.train()
+
+
+def _simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
+                          dtype: torch.dtype) -> Activity:
+    """Forward and backward of one micro-batch under the live-bytes tracker (inside the FakeTensorMode)."""
+    tracker = _LiveBytes()
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+    with tracker:
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        targets = torch.zeros(completions, dtype=torch.long)
+        with autocast:
+            hidden = model.hidden_states(ids)
+            saved = tracker.now
+            selected = hidden.flatten(0, 1)[:completions].clone()  # a real step: hidden[logits_mask]
+            logits = model.lm_head(selected)
+            loss = F.cross_entropy(logits.float(), targets, reduction="none").sum()
+            at_loss = tracker.now
+        del hidden, selected, logits
+        loss.backward()
+    return Activity(saved, at_loss - saved, tracker.peak)
+
+
+def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
+                     dtype: torch.dtype) -> tuple[int, int]:
+    """(the largest layer's recompute, the vocabulary projection): forward + backward of one decoder layer
+    (or only its MLP, under the "mlp" policy) and of the vocabulary projection, each alone."""
+    config, layer = model.config, model.model.layers[-1]
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+    activation_dtype = dtype if dtype == torch.bfloat16 else model.model.embed_tokens.weight.dtype
+
+    def peak_of(run) -> int:
+        tracker = _LiveBytes()
+        with tracker:
+            start = tracker.mark()
+            with autocast:
+                out = run()
+            out.float().sum().backward()
+        return tracker.peak - start
+
+    h = torch.zeros(batch, seq, config.hidden_size, dtype=activation_dtype, requires_grad=True)
+    cos, sin = model.rope(torch.arange(seq).expand(batch, seq), activation_dtype)
+    previous, layer.checkpointing = layer.checkpointing, None
+    try:
+        if previous == "mlp":
+            recompute = peak_of(lambda: layer.feed_forward(h))
+        else:
+            recompute = peak_of(lambda: layer(h, cos, sin, None))
+    finally:
+        layer.checkpointing = previous
+    selected = torch.zeros(completions, config.hidden_size, dtype=activation_dtype, requires_grad=True)
+    vocabulary = peak_of(lambda: F.cross_entropy(model.lm_head(selected).float(),
+                                                 torch.zeros(completions, dtype=torch.long), reduction="none"))
+    return recompute, vocabulary
+
+
+@dataclass
+class DataShape:
+    """What the plan needs from the training data: its size and its longest sequence and completion."""
+    examples: int
+    longest: int
+    longest_completion: int
+    mean_tokens: float
+    source: str
+
+    @classmethod
+    def read(cls, path: str | Path, tokenizer: Tokenizer, max_len: int) -> DataShape:
+        dataset = ScoredDataset.from_jsonl(path, tokenizer, max_len=max_len)
+        lengths = [len(e.input_ids) for e in dataset.examples]
+        completions = [int((e.labels != IGNORE_INDEX).sum()) for e in dataset.examples]
+        return cls(len(lengths), max(lengths), max(completions), sum(lengths) / len(lengths), str(path))
+
+
+@dataclass
+class Plan:
+    """Memory and time of a training run per rank, predicted before loading (see the module docstring)."""
+    model: str
+    mode: str
+    dtype: str
+    device: str
+    batch_size: int
+    seq: int
+    completions: int
+    grad_accum: int
+    world_size: int
+    checkpointing: str
+    params_base: int  # the model's own parameters (DoRA's are counted in params_trainable only)
+    params_trainable: int
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_no_checkpointing: int
+    logits: int
+    recompute_peak: int
+    vocabulary_peak: int
+    peak: int
+    memory: int
+    memory_source: str
+    max_batch_size: int
+    data: DataShape | None = None
+    seconds_per_step: float | None = None
+    probe_steps: int = 0
+    total_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.memory
+
+    @property
+    def tokens_per_step(self) -> int:
+        per_example = self.data.mean_tokens if self.data else self.seq
+        return round(per_example * self.batch_size * self.grad_accum * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        if self.data is None:
+            return None
+        return math.ceil(self.data.examples / (self.batch_size * self.grad_accum * self.world_size))
+
+    def advice(self) -> str:
+        """What to change when the run does not fit, most effective first."""
+        if self.fits:
+            return ""
+        options = []
+        if self.max_batch_size >= 1 and self.max_batch_size < self.batch_size:
+            accum = math.ceil(self.batch_size * self.grad_accum / self.max_batch_size)
+            options.append(f"batch_size = {self.max_batch_size} with grad_accum = {accum} (the same examples per "
+                           "step)")
+        if self.checkpointing != "layer":
+            options.append("gradient_checkpointing = true with checkpoint_policy = \"layer\"")
+        options.append("a shorter max_len")
+        if self.mode == "full":
+            options.append("mode = \"dora\" (frozen base in bf16, no gradients or optimizer state for it)")
+        return "; or ".join(options)
+
+    def to_text(self) -> str:
+        trainable_share = 100 * self.params_trainable / max(self.params_base, 1)
+        lines = [
+            f"plan: {self.model}; {self.mode}, {self.dtype}, gradient checkpointing {self.checkpointing}; "
+            f"batch {self.batch_size} x {self.seq} tokens, {self.completions} completion positions; "
+            f"accumulation {self.grad_accum}; {self.world_size} rank(s); per rank on {self.device}",
+            f"  parameters      {self.params_base:,} in the model, {self.params_trainable:,} trainable "
+            f"({trainable_share:.2f} %)",
+            f"  weights         {_gb(self.weights)}   {'fp32, trained' if self.mode == 'full' else 'frozen base'}",
+            f"  adapters        {_gb(self.adapters)}   trainable tensors, fp32" if self.mode != "full" else None,
+            f"  gradients       {_gb(self.gradients)}   fp32",
+            f"  optimizer       {_gb(self.optimizer)}   AdamW: two fp32 moments per trainable value",
+            f"  activations     {_gb(self.activations)}   saved for backward at {self.batch_size} x {self.seq} "
+            f"({self.checkpointing}); {self.activations_no_checkpointing / GB:.2f} GB without checkpointing",
+            f"  logits          {_gb(self.logits)}   at {self.completions} completion positions (logits, fp32 "
+            "copy, log-softmax)",
+            f"  temporary peaks {_gb(self.recompute_peak)}   largest layer's recompute; "
+            f"{self.vocabulary_peak / GB:.2f} GB the vocabulary projection",
+            f"  predicted peak  {_gb(self.peak)}   of {self.memory / GB:.2f} GB ({self.memory_source}): "
+            + ("fits" if self.fits else "DOES NOT FIT"),
+            f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}",
+            f"  tokens per optimizer step {self.tokens_per_step:,}"
+            + (f" ({self.data.mean_tokens:.0f} per example on average in {self.data.source}, "
+               f"{self.data.examples:,} examples); {self.steps_per_epoch:,} steps per epoch"
+               if self.data else " (every example at max_len: the data was not read)"),
+        ]
+        if self.seconds_per_step is not None:
+            lines.append(f"  probe           {self.seconds_per_step:.2f} s per step (median of {self.probe_steps} "
+                         f"steps after the first): {format_duration(self.projected_seconds)} for "
+                         f"{self.total_steps:,} steps")
+        lines += [f"  note: {note}" for note in self.notes]
+        if not self.fits:
+            lines.append(f"  to fit: {self.advice()}")
+        return "\n".join(line for line in lines if line is not None)
+
+    @property
+    def projected_seconds(self) -> float | None:
+        return None if self.seconds_per_step is None else self.seconds_per_step * self.total_steps
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _gb(size: int) -> str:
+    return f"{size / GB:7.2f} GB"
+
+
+def format_duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes the run can use on `device`, and where the figure comes from."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"free on {torch.cuda.get_device_name(device)}, of {total / GB:.1f} GB"
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM"
+
+
+class _Simulator:
+    """Simulated micro-batches of one model and config at any batch size (the fake model is built once)."""
+
+    def __init__(self, model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype):
+        self.mode = FakeTensorMode()
+        self.dtype = dtype
+        with self.faking():
+            self.model = _fake_model(model_config, config, dtype)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def faking(self):
+        with self.mode, warnings.catch_warnings():
+            # DoRA's norm cache keys on data pointers; fake tensors have none (and warn), which is harmless here.
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            yield
+
+    def micro_batch(self, batch: int, seq: int, completions: int, with_grads: bool) -> Activity:
+        """With `with_grads`, gradients exist before the backward (accumulation's later micro-batches), so
+        the backward adds into them instead of allocating them."""
+        with self.faking():
+            for p in self.trainable:
+                p.grad = torch.zeros_like(p) if with_grads else None
+            try:
+                return _simulate_micro_batch(self.model, batch, seq, completions, self.dtype)
+            finally:
+                for p in self.trainable:
+                    p.grad = None
+
+    def temporary_peaks(self, batch: int, seq: int, completions: int) -> tuple[int, int]:
+        with self.faking():
+            return _temporary_peaks(self.model, batch, seq, completions, self.dtype)
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    base: int  # the model's own parameters (DoRA's are not among them)
+    trainable: int
+    weight_bytes: int  # what is not trained: the frozen base (none in full fine-tuning)
+    trainable_bytes: int
+
+
+def _count(model: Qwen3ForCausalLM, mode: str) -> ParameterCounts:
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    base = sum(p.numel() for p in params) if mode == "full" else sum(p.numel() for p in frozen)
+    return ParameterCounts(base, sum(p.numel() for p in trainable), _bytes(frozen), _bytes(trainable))
+
+
+def count_parameters(model_config: Qwen3Config, config: TrainConfig,
+                     device: torch.device | str = "cpu") -> ParameterCounts:
+    """Parameters of the model as `config` trains it, counted on fake tensors (nothing allocated)."""
+    with FakeTensorMode():
+        return _count(_fake_model(model_config, config, compute_dtype(config.dtype, torch.device(device))),
+                      config.mode)
+
+
+def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.device | str | None = None,
+         world_size: int = 1, model_config: Qwen3Config | None = None, data: DataShape | None = None) -> Plan:
+    """The memory and time plan of `config` per rank (see the module docstring).
+
+    Reads config.model's config.json (unless `model_config` is given) and config.train_data (unless `data`
+    is given; without either, every example is taken as max_len tokens, all completion: the worst case).
+    `memory` overrides the device's own figure, e.g. "24GB" to plan a GPU run from another machine."""
+    device = torch.device(device) if device is not None else default_device()
+    notes = []
+    if model_config is None:
+        model_config = Qwen3Config.from_pretrained(config.model)
+    if data is None and config.train_data and Path(config.train_data).is_file():
+        data = DataShape.read(config.train_data, Tokenizer.from_pretrained(config.model), config.max_len)
+    elif data is None:
+        notes.append(f"train_data {config.train_data!r} was not read: every example is taken as max_len tokens, "
+                     "all of them completion (the worst case)")
+    dtype = compute_dtype(config.dtype, device)
+    seq = data.longest if data else config.max_len
+    completion_len = data.longest_completion if data else seq
+    simulator = _Simulator(model_config, config, dtype)
+    counts = _count(simulator.model, config.mode)
+    gradients = 4 * counts.trainable
+    persistent = counts.weight_bytes + counts.trainable_bytes + 2 * gradients  # + AdamW's two fp32 moments
+    accumulating = config.grad_accum > 1
+
+    def peak_at(batch: int) -> tuple[int, Activity]:
+        activity = simulator.micro_batch(batch, seq, batch * completion_len, with_grads=accumulating)
+        return persistent + (gradients if accumulating else 0) + activity.peak, activity
+
+    batch, completions = config.batch_size, config.batch_size * completion_len
+    peak, activity = peak_at(batch)
+    recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
+    unchecked = TrainConfig(**{**config.to_dict(), "gradient_checkpointing": False})
+    saved_unchecked = _Simulator(model_config, unchecked, dtype).micro_batch(batch, seq, completions, False).saved
+    available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
+    return Plan(
+        model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
+              f"{model_config.hidden_size}, vocabulary {model_config.vocab_size:,})",
+        mode="full" if config.mode == "full" else f"DoRA r{config.rank} on {', '.join(config.targets)}",
+        dtype=str(dtype).removeprefix("torch."), device=device.type, batch_size=batch, seq=seq,
+        completions=completions, grad_accum=config.grad_accum, world_size=world_size,
+        checkpointing=config.checkpoint_policy if config.gradient_checkpointing else "off",
+        params_base=counts.base, params_trainable=counts.trainable,
+        weights=counts.weight_bytes if config.mode == "dora" else counts.trainable_bytes,
+        adapters=counts.trainable_bytes if config.mode == "dora" else 0,
+        gradients=gradients, optimizer=2 * gradients, activations=activity.saved,
+        activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
+        vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
+        max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
+        total_steps=_total_steps(config, data, world_size),
+    )
+
+
+def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:
+    """The largest batch size whose predicted peak fits `memory` (0 if not even one example fits). Memory
+    grows linearly with the batch, so two points (`known` is one: batch, peak) give the line and one more
+    simulation checks the guess."""
+    one = peak_at(1)[0]
+    if one > memory:
+        return 0
+    other, other_peak = known if known[0] > 1 else (2, peak_at(2)[0])
+    slope = max((other_peak - one) // (other - 1), 1)
+    guess = min(limit, 1 + (memory - one) // slope)
+    while guess > 1 and peak_at(guess)[0] > memory:
+        guess -= max(1, guess // 16)
+    return int(guess)
+
+
+def _total_steps(config: TrainConfig, data: DataShape | None, world_size: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    if data is None:
+        return 0
+    return max(1, math.ceil(config.epochs * data.examples / (config.batch_size * config.grad_accum * world_size)))
+
+
+def probe(config: TrainConfig, steps: int, result: Plan) -> Plan:
+    """Run `steps` real optimizer steps (weights loaded, no checkpoint saved, in a temporary out_dir) and put
+    the measured seconds per step into `result`: the median of the steps after the first, which warms up
+    allocators and kernels."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        probe_config = TrainConfig(**{**config.to_dict(), "out_dir": out_dir, "max_steps": steps,
+                                      "save_every": 10**9, "verify_batches": 0, "eval_every": 0,
+                                      "progress": False})
+        train_from_config(probe_config, quiet=True)
+        lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    times = sorted(json.loads(line)["step_seconds"] for line in lines[1:] or lines)
+    result.seconds_per_step = times[len(times) // 2]
+    result.probe_steps = len(times)
+    return result
+
+
+def check_fits(result: Plan) -> None:
+    """Stop a run whose plan does not fit, before anything is loaded."""
+    if not result.fits:
+        raise PlanError(f"the run does not fit:\n{result.to_text()}")
+
