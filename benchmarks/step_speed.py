@@ -28,7 +28,7 @@ SHAPES = {
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
-BATCH, ACCUM, RANK, ALPHA, DROPOUT = 2, 8, 16, 32, 0.05
+BATCH, ACCUM, RANK, ALPHA, DROPOUT = 2, 8, 16, 32, 0.05  # the report's batch; --batch/--accum change it
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -158,6 +158,7 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy
 
 
 def main() -> None:
+    global BATCH, ACCUM  # the run's batch shape, read by the runners and the FLOP count
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--seq", type=int, default=256)
@@ -165,7 +166,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--child", choices=["stratos_lite", "hf"])
     parser.add_argument("--policy", default="layer", choices=["layer", "mlp"], help="(child) checkpoint policy")
+    parser.add_argument("--batch", type=int, default=BATCH, help="micro-batch size")
+    parser.add_argument("--accum", type=int, default=ACCUM, help="micro-batches per optimizer step")
     args = parser.parse_args()
+    BATCH, ACCUM = args.batch, args.accum
     if args.child:
         return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, args.policy)
     shape = SHAPES[args.shape]
@@ -180,7 +184,8 @@ def main() -> None:
         for label, system, policy in (("HF+PEFT", "hf", "layer"), ("ours, layer", "stratos_lite", "layer"),
                                       ("ours, mlp", "stratos_lite", "mlp")):
             out = subprocess.run([sys.executable, __file__, "--child", system, "--shape", args.shape, "--seq",
-                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype, "--policy", policy],
+                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype, "--policy", policy,
+                                  "--batch", str(BATCH), "--accum", str(ACCUM)],
                                  check=True, capture_output=True, text=True).stdout
             results[label] = json.loads(out.strip().splitlines()[-1])
         for label, r in results.items():

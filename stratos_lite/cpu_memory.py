@@ -3,9 +3,9 @@
 glibc gives every thread that allocates its own heap ("arena"). The CPU kernels' worker threads allocate
 scratch space in theirs, and memory freed there is neither reused by the main thread nor returned to the
 system, so a step's peak RSS runs far above its live tensors: 0.69 GB against 0.27 GB of tensors for one
-micro-batch of Qwen3-0.6B's shape (1 x 512, bf16, DoRA). With one arena it was 0.30 GB. Limiting arenas
-after start-up works for threads that allocate afterwards; those that already hold an arena move to the
-main one when theirs is next contended, which is what the measurement above saw.
+micro-batch of Qwen3-0.6B's shape (1 x 512, bf16, DoRA). With one arena it was 0.30 GB, also when the
+limit was set after the model was built and a matmul had run. Fragmentation within the one heap remains:
+a whole Trainer step still peaked 1.17-1.78x its live tensors (benchmarks/RESULTS.md, plan accuracy).
 """
 
 from __future__ import annotations

@@ -270,6 +270,10 @@ class Plan:
             lines.append(f"  probe           {self.seconds_per_step:.2f} s per step (median of {self.probe_steps} "
                          f"steps after the first): {format_duration(self.projected_seconds)} for "
                          f"{self.total_steps:,} steps")
+        if self.device == "cpu":
+            lines.append("  note: the peak counts live tensors (what a GPU allocator reports); on a CPU, glibc's heap "
+                         "keeps freed blocks resident, and peak RSS measured 1.17-1.78x this figure "
+                         "(benchmarks/RESULTS.md, plan accuracy)")
         lines += [f"  note: {note}" for note in self.notes]
         if not self.fits:
             lines.append(f"  to fit: {self.advice()}")
