@@ -105,15 +105,19 @@ def _fake_model(model_config: Qwen3Config, config: TrainConfig, dtype: torch.dty
     return model.train()
 
 
+def _autocast(dtype: torch.dtype):
+    """What the Trainer runs the forward under: bf16 autocast, or nothing for fp32."""
+    return torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+
+
 def _simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
                           dtype: torch.dtype) -> Activity:
     """Forward and backward of one micro-batch under the live-bytes tracker (inside the FakeTensorMode)."""
     tracker = _LiveBytes()
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
     with tracker:
         ids = torch.zeros(batch, seq, dtype=torch.long)
         targets = torch.zeros(completions, dtype=torch.long)
-        with autocast:
+        with _autocast(dtype):
             hidden = model.hidden_states(ids)
             saved = tracker.now
             selected = hidden.flatten(0, 1)[:completions].clone()  # a real step: hidden[logits_mask]
@@ -130,14 +134,13 @@ def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions:
     """(the largest layer's recompute, the vocabulary projection): forward + backward of one decoder layer
     (or only its MLP, under the "mlp" policy) and of the vocabulary projection, each alone."""
     config, layer = model.config, model.model.layers[-1]
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
     activation_dtype = dtype if dtype == torch.bfloat16 else model.model.embed_tokens.weight.dtype
 
     def peak_of(run) -> int:
         tracker = _LiveBytes()
         with tracker:
             start = tracker.mark()
-            with autocast:
+            with _autocast(dtype):
                 out = run()
             out.float().sum().backward()
         return tracker.peak - start
@@ -245,7 +248,8 @@ class Plan:
         lines = [
             f"plan: {self.model}; {self.mode}, {self.dtype}, gradient checkpointing {self.checkpointing}; "
             f"batch {self.batch_size} x {self.seq} tokens, {self.completions} completion positions; "
-            f"accumulation {self.grad_accum}; {self.world_size} rank(s); per rank on {self.device}",
+            f"accumulation {self.grad_accum}; {self.world_size} rank(s); per rank"
+            + ("" if self.memory_source == "given" else f" on {self.device}"),
             f"  parameters      {self.params_base:,} in the model, {self.params_trainable:,} trainable "
             f"({trainable_share:.2f} %)",
             f"  weights         {_gb(self.weights)}   {'fp32, trained' if self.mode == 'full' else 'frozen base'}",
@@ -270,7 +274,7 @@ class Plan:
             lines.append(f"  probe           {self.seconds_per_step:.2f} s per step (median of {self.probe_steps} "
                          f"steps after the first): {format_duration(self.projected_seconds)} for "
                          f"{self.total_steps:,} steps")
-        if self.device == "cpu":
+        if self.device == "cpu" and self.memory_source != "given":
             lines.append("  note: the peak counts live tensors (what a GPU allocator reports); on a CPU, glibc's heap "
                          "keeps freed blocks resident, and peak RSS measured 1.17-1.78x this figure "
                          "(benchmarks/RESULTS.md, plan accuracy)")
