@@ -44,13 +44,15 @@ def device_name() -> str:
     return f"{props.name} ({arch})"
 
 
-def examples(vocab: int, seq: int, count: int) -> list[dict]:
+def examples(vocab: int, seq: int, count: int, completion: int | None = None) -> list[dict]:
+    """Random token sequences whose last `completion` positions (default: a fifth) carry labels."""
+    completion = seq // 5 if completion is None else completion
     gen = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(count):
         ids = torch.randint(0, vocab, (seq,), generator=gen)
         labels = ids.clone()
-        labels[: seq - seq // 5] = -100
+        labels[: seq - completion] = -100
         rows.append({"input_ids": ids, "labels": labels, "weight": 1.0, "band": 0})
     return rows
 
