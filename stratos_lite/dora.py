@@ -89,6 +89,11 @@ class DoRALinear(nn.Module):
             self._cache[name] = hit
         return hit[1]
 
+    def forget_adapter_terms(self) -> None:
+        """Drop what is cached from A and B (not ||W||), as an optimizer step makes it stale: the next
+        forward recomputes it, as the first forward of every training step does."""
+        self._cache = {name: hit for name, hit in self._cache.items() if name == "base_norm_sq"}
+
     def _base_row_norm_sq(self) -> torch.Tensor:
         """||W||^2 per row in fp32 (without an fp32 copy of W): the frozen W rarely changes."""
         weight = self.base_layer.weight

@@ -32,11 +32,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .data import IGNORE_INDEX, ScoredDataset
-from .dora import apply_dora
+from .dora import apply_dora, dora_layers
 from .model import Qwen3Config, Qwen3ForCausalLM
-from .run import default_device, train_from_config
-from .tokenizer import Tokenizer
-from .trainer import TrainConfig, compute_dtype
+from .run import default_device, read_training_data, train_from_config
+from .trainer import TrainConfig, compute_dtype, optimizer_steps
 from .weights import parse_size
 
 GB = 1e9
@@ -171,11 +170,10 @@ class DataShape:
     source: str
 
     @classmethod
-    def read(cls, path: str | Path, tokenizer: Tokenizer, max_len: int) -> DataShape:
-        dataset = ScoredDataset.from_jsonl(path, tokenizer, max_len=max_len)
+    def of(cls, dataset: ScoredDataset) -> DataShape:
         lengths = [len(e.input_ids) for e in dataset.examples]
         completions = [int((e.labels != IGNORE_INDEX).sum()) for e in dataset.examples]
-        return cls(len(lengths), max(lengths), max(completions), sum(lengths) / len(lengths), str(path))
+        return cls(len(lengths), max(lengths), max(completions), sum(lengths) / len(lengths), dataset.report.source)
 
 
 @dataclass
@@ -331,6 +329,8 @@ class _Simulator:
         """With `with_grads`, gradients exist before the backward (accumulation's later micro-batches), so
         the backward adds into them instead of allocating them."""
         with self.faking():
+            for _, layer in dora_layers(self.model):  # as after an optimizer step: ||W + sBA|| recomputed
+                layer.forget_adapter_terms()
             for p in self.trainable:
                 p.grad = torch.zeros_like(p) if with_grads else None
             try:
@@ -338,6 +338,16 @@ class _Simulator:
             finally:
                 for p in self.trainable:
                     p.grad = None
+
+    def saved_without_checkpointing(self, batch: int, seq: int, completions: int) -> int:
+        """Bytes a micro-batch saves for backward with gradient checkpointing off."""
+        policies = [layer.checkpointing for layer in self.model.model.layers]
+        self.model.set_gradient_checkpointing(False)
+        try:
+            return self.micro_batch(batch, seq, completions, with_grads=False).saved
+        finally:
+            for layer, policy in zip(self.model.model.layers, policies, strict=True):
+                layer.checkpointing = policy
 
     def temporary_peaks(self, batch: int, seq: int, completions: int) -> tuple[int, int]:
         with self.faking():
@@ -384,7 +394,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     if model_config is None:
         model_config = Qwen3Config.from_pretrained(config.model)
     if data is None and config.train_data and Path(config.train_data).is_file():
-        data = DataShape.read(config.train_data, Tokenizer.from_pretrained(config.model), config.max_len)
+        data = DataShape.of(read_training_data(config))
     elif data is None:
         notes.append(f"train_data {config.train_data!r} was not read: every example is taken as max_len tokens, "
                      "all of them completion (the worst case)")
@@ -404,8 +414,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     batch, completions = config.batch_size, config.batch_size * completion_len
     peak, activity = peak_at(batch)
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
-    unchecked = TrainConfig(**{**config.to_dict(), "gradient_checkpointing": False})
-    saved_unchecked = _Simulator(model_config, unchecked, dtype).micro_batch(batch, seq, completions, False).saved
+    saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
     return Plan(
         model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
@@ -421,7 +430,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
         vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
         max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
-        total_steps=_total_steps(config, data, world_size),
+        total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
 
 
@@ -438,14 +447,6 @@ def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 40
     while guess > 1 and peak_at(guess)[0] > memory:
         guess -= max(1, guess // 16)
     return int(guess)
-
-
-def _total_steps(config: TrainConfig, data: DataShape | None, world_size: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    if data is None:
-        return 0
-    return max(1, math.ceil(config.epochs * data.examples / (config.batch_size * config.grad_accum * world_size)))
 
 
 def probe(config: TrainConfig, steps: int, result: Plan) -> Plan:

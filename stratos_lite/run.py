@@ -12,6 +12,7 @@ import torch
 
 from .data import ScoredDataset
 from .dora import apply_dora
+from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, TrainResult, compute_dtype
 from .weights import load_pretrained
 
@@ -23,7 +24,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def train_from_config(config: TrainConfig, quiet: bool = False) -> TrainResult:
+def read_training_data(config: TrainConfig) -> ScoredDataset:
+    """config.train_data tokenized with the model folder's tokenizer (no weights read)."""
+    return ScoredDataset.from_jsonl(config.train_data, Tokenizer.from_pretrained(config.model), max_len=config.max_len)
+
+
+def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDataset | None = None) -> TrainResult:
+    """Load, wrap and train as `config` says; `train` is config.train_data already read (by a plan)."""
     device = default_device()
     say = (lambda *_: None) if quiet else print
     # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
@@ -31,7 +38,8 @@ def train_from_config(config: TrainConfig, quiet: bool = False) -> TrainResult:
     model, tokenizer = load_pretrained(config.model, dtype=dtype, device=device)
     if config.mode == "dora":
         say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
-    train = ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
+    if train is None:
+        train = ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
     train.report.write(config.out_dir)
     say(train.report.to_markdown())
     evaluation = (ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)

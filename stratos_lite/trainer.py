@@ -228,6 +228,15 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
+def optimizer_steps(config: TrainConfig, examples: int, world_size: int = 1) -> int:
+    """How many optimizer steps a run of `config` over `examples` takes: max_steps when set, else its epochs
+    at batch_size x grad_accum x world_size examples per step."""
+    if config.max_steps > 0:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil(config.epochs * examples / per_step))
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     """LR multiplier: linear warmup from 0 over `warmup` steps, then half a cosine down to 0 at `total`."""
     if step < warmup:
@@ -279,10 +288,7 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------------------
 
     def total_steps(self) -> int:
-        if self.config.max_steps > 0:
-            return self.config.max_steps
-        per_step = self.config.batch_size * self.config.grad_accum * self.world_size
-        return max(1, math.ceil(self.config.epochs * len(self.train_dataset) / per_step))
+        return optimizer_steps(self.config, len(self.train_dataset), self.world_size)
 
     def _sampler(self) -> BandSampler:
         dataset, config = self.train_dataset, self.config

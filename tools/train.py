@@ -16,8 +16,8 @@ from pathlib import Path
 import stratos_lite as sl
 from stratos_lite.cli import run
 from stratos_lite.demo_run import DemoConfig, run_demo
-from stratos_lite.plan import check_fits, probe
-from stratos_lite.run import train_from_config
+from stratos_lite.plan import DataShape, check_fits, probe
+from stratos_lite.run import read_training_data, train_from_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 
@@ -40,15 +40,18 @@ def main() -> None:
         return
     config = sl.TrainConfig.from_toml(args.config, args.set)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Read once: the plan takes its lengths, training the examples. A plan alone may go without (worst case).
+    train = None if args.plan and not Path(config.train_data).is_file() else read_training_data(config)
     if args.plan or not args.no_plan_check:
-        the_plan = sl.plan(config, memory=args.memory, world_size=world_size)
+        data = DataShape.of(train) if train is not None else None
+        the_plan = sl.plan(config, memory=args.memory, world_size=world_size, data=data)
         if args.plan:
             if args.probe:
                 probe(config, args.probe, the_plan)
             print(the_plan)
             return
         check_fits(the_plan)
-    result = train_from_config(config)
+    result = train_from_config(config, train=train)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
 
 
