@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import restore_state
 from .dora import dora_layers, save_adapter
 from .files import load_safetensors, read_json
 from .model import CheckpointError
@@ -43,12 +44,8 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_dir() and PATTERN.fullmatch(p.name))
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as tensors (for safetensors) and the rest (for JSON)."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -67,24 +64,25 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": [version, list(internal), gauss]}
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int, base_model_name_or_path: str = "") -> Path:
-    """Write checkpoint-{step} atomically, then keep only the newest `keep` checkpoints."""
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable: dict[str, torch.Tensor],
+                    optimizer_state: dict, state: dict, keep: int, base_model_name_or_path: str = "") -> Path:
+    """Write checkpoint-{step} atomically, then keep only the newest `keep` checkpoints. `trainable` and
+    `optimizer_state` are whole (distributed.whole_state), so the checkpoint does not depend on how many
+    ranks wrote it; `model` names the DoRA layers for the adapter."""
     out = Path(out_dir)
     final = out / f"checkpoint-{step:06d}"
     staging = out / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()},
-              str(staging / "trainable.safetensors"))
-    optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer)
+    save_file({k: v.cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+    optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer_state)
     save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
     rng_tensors, rng_json = _rng_tensors()
     save_file(rng_tensors, str(staging / "rng.safetensors"))
     (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
                                                    indent=1))
     if any(True for _ in dora_layers(model)):
-        save_adapter(model, staging / "adapter", base_model_name_or_path)
+        save_adapter(model, staging / "adapter", base_model_name_or_path, values=trainable)
     (staging / MANIFEST).write_text(json.dumps(_describe_files(staging), indent=1))
     _fsync_tree(staging)
     if final.exists():  # the same step from an earlier run that was interrupted, or whose copy was damaged
@@ -139,17 +137,18 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable tensors, optimizer and RNG states; returns state.json's contents."""
+    """Restore trainable tensors, optimizer and RNG states (sharding them when the model is sharded: then
+    every rank calls this); returns state.json's contents."""
     folder = Path(folder)
     state = read_json(folder / "state.json")
-    _load_trainable(folder / "trainable.safetensors", model)
+    trainable = _read_trainable(folder / "trainable.safetensors", model)
     optimizer_json = state.pop("optimizer")
     tensors = load_safetensors(folder / "optimizer.safetensors")
     per_param: dict[int, dict] = {}
     for key, value in [*tensors.items(), *optimizer_json["scalars"].items()]:
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer_json["param_groups"]})
+    restore_state(model, optimizer, trainable, {"state": per_param, "param_groups": optimizer_json["param_groups"]})
     rng = load_safetensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
@@ -160,17 +159,16 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     return state
 
 
-@torch.no_grad()
-def _load_trainable(path: Path, model: nn.Module) -> None:
+def _read_trainable(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored trainable tensors, checked name by name and shape by shape against the model's."""
     stored = load_safetensors(path)
-    params = trainable_state(model)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(params.keys() - stored.keys()), sorted(stored.keys() - params.keys())
     if missing or unexpected:
         name = (missing or unexpected)[0]
         raise CheckpointError(f"{path}: tensor {name!r} is {'missing' if missing else 'not trainable in this model'}")
     for name, tensor in stored.items():
-        if tensor.shape != params[name].shape:
+        if tensor.shape != params[name].shape:  # a sharded parameter reports its whole shape
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"the model has {tuple(params[name].shape)}")
-    for name, tensor in stored.items():
-        params[name].copy_(tensor)
+    return stored

@@ -252,10 +252,11 @@ def merge_dora(model: nn.Module) -> nn.Module:
 
 # PEFT on-disk layout -------------------------------------------------------------------------------------
 
+ADAPTER_TENSORS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+
 def _peft_tensors(name: str, layer: DoRALinear) -> dict[str, torch.Tensor]:
-    key = PEFT_PREFIX + name
-    return {f"{key}.lora_A.weight": layer.lora_A, f"{key}.lora_B.weight": layer.lora_B,
-            f"{key}.lora_magnitude_vector": layer.lora_magnitude}
+    return {f"{PEFT_PREFIX}{name}.{peft}": getattr(layer, ours) for ours, peft in ADAPTER_TENSORS.items()}
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str = "") -> dict:
@@ -275,12 +276,19 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str = "") -> dict:
     }
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str = "") -> Path:
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str = "",
+                 values: dict[str, torch.Tensor] | None = None) -> Path:
+    """The model's DoRA adapter in PEFT's layout. `values` (parameter name -> tensor) stands in for the
+    layers' own tensors, e.g. whole tensors gathered from the ranks that shard them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model_name_or_path)
-    tensors = {k: v.detach().contiguous().cpu() for name, layer in dora_layers(model)
-               for k, v in _peft_tensors(name, layer).items()}
+    if values is None:
+        tensors = {k: v for name, layer in dora_layers(model) for k, v in _peft_tensors(name, layer).items()}
+    else:
+        tensors = {f"{PEFT_PREFIX}{name}.{peft}": values[f"{name}.{ours}"] for name, _ in dora_layers(model)
+                   for ours, peft in ADAPTER_TENSORS.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return folder

@@ -71,10 +71,13 @@ class BandSampler:
                 "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed or state["world_size"] != self.world_size:
-            raise ValueError(f"sampler state is for seed {state['seed']} on {state['world_size']} ranks, "
-                             f"this run has seed {self.seed} on {self.world_size}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        """Resume where `state` left off, also on another number of ranks: the ranks had taken position x
+        world_size draws of the epoch's global stream together, which this world size splits anew (rounded
+        down when it does not divide, so a few draws may be taken again)."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for seed {state['seed']}, this run has seed {self.seed}")
+        self.epoch = state["epoch"]
+        self.position = state["position"] * state["world_size"] // self.world_size
 
 
 def total_variation(p: Sequence[float], q: Sequence[float]) -> float:

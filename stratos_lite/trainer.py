@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointWarning, checkpoint_damage, checkpoints, load_checkpoint, save_checkpoint
 from .cpu_memory import use_one_malloc_arena
 from .data import IGNORE_INDEX, collate
+from .distributed import is_sharded, local, shard_model, whole, whole_parameters, whole_state, whole_trainable
 from .dora import DEFAULT_TARGETS, dora_layers, save_adapter
 from .files import read_toml
-from .model import CheckpointError
+from .model import CheckpointError, Qwen3ForCausalLM
 from .sampler import BandSampler, format_verification, verify_sampler
 from .training_report import write_training_summary
+from .weights import save_pretrained
 
 # Environment flags known to produce NaN gradients (the report lost 7 hours to the first one).
 RISKY_ENV_FLAGS = {
@@ -77,6 +79,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
     seed: int = 0
+    # Several ranks (torchrun): "ddp" keeps a whole replica per rank; "fsdp" shards parameters, gradients and
+    # optimizer state across ranks (FSDP2), optionally keeping parameters in CPU memory between uses.
+    strategy: str = "ddp"
+    cpu_offload: bool = False
     # Checkpoints, logging, the guard.
     save_every: int = 200
     keep_checkpoints: int = 3
@@ -184,6 +190,7 @@ _RANGES = {
     "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
     "dtype": _one_of("bfloat16", "float32", "auto"),
     "checkpoint_policy": _one_of("layer", "mlp"),
+    "strategy": _one_of("ddp", "fsdp"),
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     "save_every": _at_least(1),
     "keep_checkpoints": _at_least(0),  # 0 keeps every checkpoint
@@ -335,6 +342,9 @@ class Trainer:
                 self._print(f"WARNING: {flag}={os.environ[flag]} is set: {why}. Unset it if gradients go NaN.")
         if hasattr(self.model, "set_gradient_checkpointing"):
             self.model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
+        if self.world_size > 1 and config.strategy == "fsdp":
+            shard_model(self.model, cpu_offload=config.cpu_offload)  # parameters become sharded DTensors
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                                       weight_decay=config.weight_decay)
         total = self.total_steps()
@@ -345,7 +355,7 @@ class Trainer:
         if step == 0:
             self._verify_sampler(sampler)
         model = self.model.train()
-        if self.world_size > 1:  # wrapped after resuming, so every rank starts from the same restored weights
+        if self.world_size > 1 and not is_sharded(model):  # wrapped after resuming: every rank starts alike
             model = nn.parallel.DistributedDataParallel(model)
         draw = iter(sampler)
         bar = tqdm(total=total, initial=step, desc="train", disable=not config.progress or self.rank != 0,
@@ -389,22 +399,30 @@ class Trainer:
         for index, mb in enumerate(micro_batches):
             tokens += int(mb["lengths"].sum())  # counted on the CPU: no device sync per micro-batch
             mb = {k: mb[k].to(self.device) for k in ("input_ids", "labels", "weight")}
-            last = index == len(micro_batches) - 1
-            sync = model.no_sync() if self.world_size > 1 and not last else nullcontext()
-            with sync, self._autocast():
+            with self._gradient_sync(model, last=index == len(micro_batches) - 1), self._autocast():
                 per_example = example_losses(model, mb)
                 loss = (per_example * mb["weight"]).sum() / denominator
-            # DDP averages gradients over ranks; scaling by world size turns that average into the global sum.
+            # DDP and FSDP average gradients over ranks; scaling by world size turns that into the global sum.
             (loss * self.world_size).backward()
             loss_total += loss.detach()
         if self.world_size > 1:
             dist.all_reduce(loss_total)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)  # norm before clipping
+        # The norm before clipping, over every rank's shards when sharded (the global norm, as one process).
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
         if bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm)):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         # else: a non-finite step never reaches the weights; its gradients stay for the diagnosis.
         return float(loss_total), float(grad_norm), tokens
+
+    def _gradient_sync(self, model: nn.Module, last: bool):
+        """Reduce gradients across ranks on the step's last micro-batch only (accumulate locally before)."""
+        if self.world_size == 1:
+            return nullcontext()
+        if is_sharded(model):
+            model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else model.no_sync()
 
     def _log(self, record: dict, bar) -> None:
         if self.rank != 0:
@@ -438,11 +456,12 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     def _save(self, step, optimizer, scheduler, sampler, metrics, skipped) -> None:
+        trainable, optimizer_state = whole_state(self.model, optimizer)  # every rank: gathers when sharded
         if self.rank == 0:
             state = {"step": step, "config": self.config.to_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(), "nonfinite_skipped": skipped, "metrics": metrics}
-            save_checkpoint(self.out_dir, step, self.model, optimizer, state, self.config.keep_checkpoints,
-                            self.config.model)
+            save_checkpoint(self.out_dir, step, self.model, trainable, optimizer_state, state,
+                            self.config.keep_checkpoints, self.config.model)
         if self.world_size > 1:
             dist.barrier()
 
@@ -480,10 +499,24 @@ class Trainer:
         self._print(f"resuming from {newest} (step {state['step']})")
         return state["step"], metrics, state["nonfinite_skipped"]
 
+    def _save_adapter(self) -> None:
+        """The final (or last finite) adapter in PEFT's layout; every rank calls it, rank 0 writes."""
+        if any(True for _ in dora_layers(self.model)):
+            values = whole_trainable(self.model) if is_sharded(self.model) else None
+            if self.rank == 0:
+                save_adapter(self.model, self.out_dir / "adapter", self.config.model, values=values)
+
+    def _save_model(self) -> None:
+        """A fully fine-tuned Qwen3 as an HF folder (out_dir/model); every rank calls it, rank 0 writes."""
+        if isinstance(self.model, Qwen3ForCausalLM) and not any(True for _ in dora_layers(self.model)):
+            values = whole_parameters(self.model) if is_sharded(self.model) else None
+            if self.rank == 0:
+                save_pretrained(self.model, None, self.out_dir / "model", values=values)
+
     def _finish(self, metrics: list[dict], seconds: float) -> TrainResult:
+        self._save_adapter()
+        self._save_model()
         if self.rank == 0:
-            if any(True for _ in dora_layers(self.model)):
-                save_adapter(self.model, self.out_dir / "adapter", self.config.model)
             summary = write_training_summary(metrics, self.out_dir, self.config)
             tqdm.write(summary)
         finite = [m["loss"] for m in metrics if math.isfinite(m["loss"])]
@@ -496,7 +529,7 @@ class Trainer:
         lines = [f"step {step}: loss {loss}, gradient norm {grad_norm}; the update was not applied."]
         names = {id(p): n for n, p in self.model.named_parameters()}
         bad_param = next((names[id(p)] for p in self.params if p.grad is not None
-                          and not torch.isfinite(p.grad).all()), None)
+                          and not torch.isfinite(local(p.grad)).all()), None)
         if bad_param is not None:
             lines.append(f"first parameter with a non-finite gradient: {bad_param}")
         module = self._first_nonfinite_module(micro_batches)
@@ -508,8 +541,7 @@ class Trainer:
         diagnosis = "\n".join(lines)
         if self.rank == 0:
             (self.out_dir / "nonfinite_diagnosis.txt").write_text(diagnosis + "\n")
-            if any(True for _ in dora_layers(self.model)):  # the weights are still finite: keep them
-                save_adapter(self.model, self.out_dir / "adapter", self.config.model)
+        self._save_adapter()  # the weights are still finite: keep them
         raise NonFiniteError(diagnosis)
 
     @torch.no_grad()
@@ -526,11 +558,9 @@ class Trainer:
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
         try:
-            for mb in micro_batches:
+            for mb in micro_batches:  # all of them: sharded ranks must run the same forwards
                 with self._autocast():
                     self.model(mb["input_ids"].to(self.device))
-                if found:
-                    break
         finally:
             for handle in handles:
                 handle.remove()

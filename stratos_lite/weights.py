@@ -133,9 +133,11 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def hf_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names transformers expects (tied lm_head left out, as HF saves it)."""
-    tensors = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=True)}
+def hf_state_dict(model: Qwen3ForCausalLM, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names transformers expects (tied lm_head left out, as HF saves it);
+    `values` (name -> tensor) stands in for the parameters, e.g. whole tensors gathered from shards."""
+    tensors = {name: (p if values is None else values[name]).detach()
+               for name, p in model.named_parameters(remove_duplicate=True)}
     with torch.device("meta"):
         expected = set(dict(Qwen3ForCausalLM(model.config).named_parameters()))
     foreign = sorted(tensors.keys() - expected)
@@ -159,14 +161,15 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[
 
 
 def save_pretrained(model: Qwen3ForCausalLM, tokenizer: Tokenizer | None, path: str | Path,
-                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                    values: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an HF folder transformers loads. Written beside the target and renamed into place at the end,
-    so an interrupted save never leaves a half-written model under `path`."""
+    so an interrupted save never leaves a half-written model under `path`. `values`: see hf_state_dict."""
     target = Path(path)
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tensors = hf_state_dict(model)
+    tensors = hf_state_dict(model, values)
     dtype = dtype or next(iter(tensors.values())).dtype
     shards = _plan_shards(tensors, parse_size(max_shard_size))
     weight_map = {}

@@ -1,6 +1,7 @@
 """A small training run in its own process (for the kill/resume and torchrun tests).
 
     python tests/train_child.py DATA_DIR OUT_DIR [--slow] [--batch-size B] [--dropout P] [--steps N]
+                                [--mode dora|full] [--strategy ddp|fsdp]
 """
 
 import argparse
@@ -26,14 +27,15 @@ class SlowDataset(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def build(data_dir: str, dropout: float):
+def build(data_dir: str, dropout: float, mode: str = "dora"):
     tokenizer = sl.Tokenizer.from_pretrained(f"{data_dir}/tokenizer")
     dataset = sl.ScoredDataset.from_jsonl(f"{data_dir}/train.jsonl", tokenizer, max_len=256)
     config = sl.Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     torch.manual_seed(0)
     model = sl.Qwen3ForCausalLM(config)
-    sl.apply_dora(model, rank=4, alpha=8, dropout=dropout)
+    if mode == "dora":
+        sl.apply_dora(model, rank=4, alpha=8, dropout=dropout)
     return model, dataset, tokenizer
 
 
@@ -52,11 +54,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--mode", default="dora", choices=["dora", "full"])
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, dataset, tokenizer = build(args.data_dir, args.dropout)
+    model, dataset, tokenizer = build(args.data_dir, args.dropout, args.mode)
     config = TrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=2, lr=1e-3, max_steps=args.steps,
-                         save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False)
+                         save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False,
+                         mode=args.mode, strategy=args.strategy)
     Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
 
 

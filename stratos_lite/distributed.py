@@ -1,0 +1,106 @@
+"""Sharding with FSDP2 and the training state as whole tensors, whatever holds it.
+
+With `strategy = "fsdp"` each decoder layer and then the root are `fully_shard`ed: every rank keeps 1/N
+of each parameter (the frozen base and DoRA's tensors alike) and all-gathers a layer's parameters just
+before it runs. So DoRA's norm ||W + s B A|| is computed on whole rows of W: inside a layer's forward and
+its recomputation, W, A and B are the unsharded tensors, and no reduction across ranks is needed.
+
+Mixed precision as in one process: parameters keep their own dtypes (the frozen base in bf16, adapters and
+fully trained weights in fp32), autocast computes in bf16, and gradients are reduced in fp32.
+
+Checkpoints hold whole tensors (gathered with torch.distributed.checkpoint's state-dict functions and
+written by rank 0), the same files a one-process run writes, so any number of ranks resumes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head). In place."""
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
+    options = {"mp_policy": policy, **({"offload_policy": offload} if offload else {})}
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as one piece: a DTensor gathered from its shards, anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (all of it when it is not sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters in the optimizer's order (the Trainer builds it in this order)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+_WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def whole_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name, whole. Sharded: a collective (every rank calls it; rank 0 gets them)."""
+    if is_sharded(model):
+        return get_model_state_dict(model, options=_WHOLE_ON_RANK0)
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def whole_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by name, whole (frozen ones too). Sharded: a collective; rank 0 gets them."""
+    if is_sharded(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable tensors by name, the optimizer's state_dict in torch's own index-keyed form), whole.
+    Sharded: a collective whose result is on rank 0."""
+    if not is_sharded(model):
+        return whole_trainable(model), optimizer.state_dict()
+    trainable = whole_trainable(model)
+    by_name = get_optimizer_state_dict(model, optimizer, options=_WHOLE_ON_RANK0)
+    index = {name: i for i, name in enumerate(trainable_names(model))}
+    return trainable, {"state": {index[name]: value for name, value in by_name.get("state", {}).items()},
+                       "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                        for group in by_name.get("param_groups", [])]}
+
+
+@torch.no_grad()
+def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
+                  optimizer_state: dict) -> None:
+    """Put whole trainable tensors and an index-keyed optimizer state into the model and optimizer, sharding
+    them when the model is sharded (every rank calls it with the same whole tensors)."""
+    if not is_sharded(model):
+        params = dict(model.named_parameters())
+        for name, tensor in trainable.items():
+            params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+    names = trainable_names(model)
+    by_name = {"state": {names[i]: value for i, value in optimizer_state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
