@@ -14,6 +14,9 @@ written by rank 0), the same files a one-process run writes, so any number of ra
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -26,6 +29,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .dora import apply_dora, dora_layers, initial_lora_A, layer_generator, row_norm_sq
+from .model import Qwen3Config, Qwen3ForCausalLM
+from .weights import checkpoint_tensors
+
+if TYPE_CHECKING:
+    from .trainer import TrainConfig  # the trainer imports this module
+
 
 def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head). In place."""
@@ -35,6 +45,50 @@ def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
+    return model
+
+
+@torch.no_grad()
+def copy_whole_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Set a parameter from its whole value: a sharded one takes only this rank's rows (FSDP2 shards dim 0
+    with torch.chunk), so no rank ever holds more than one whole tensor at a time."""
+    if not isinstance(param, DTensor):
+        param.copy_(tensor)
+        return
+    mesh = param.device_mesh
+    rows = tensor.chunk(mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    param.to_local().copy_(rows[rank] if rank < len(rows) else tensor[:0])
+
+
+def load_sharded(folder: str | Path, config: TrainConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model of an HF folder, sharded before any weight is read: built on the meta device, wrapped in
+    DoRA as `config` asks, fully_shard-ed, then filled tensor by tensor with this rank's rows. DoRA starts
+    as apply_dora starts it: A from the run's seed, B zero, the magnitude the norm of each row of W, which
+    is computed where the row lives (FSDP shards W by rows, so every row is whole on one rank)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(Qwen3Config.from_pretrained(folder))
+    finally:
+        torch.set_default_dtype(previous)
+    dora = config.mode == "dora"
+    if dora:
+        apply_dora(model, config.rank, config.alpha, config.dropout, config.targets)  # shapes only, on meta
+    shard_model(model, cpu_offload=config.cpu_offload)
+    model.to_empty(device=device)
+    # Checkpoint names skip DoRA's wrapping: q_proj.weight is q_proj.base_layer.weight here.
+    by_checkpoint_name = {name.replace(".base_layer.weight", ".weight"): p for name, p in model.named_parameters()
+                          if not p.requires_grad or not dora}
+    for name, tensor in checkpoint_tensors(folder, model, dtype, by_checkpoint_name):
+        copy_whole_into(by_checkpoint_name[name], tensor)
+    for name, layer in dora_layers(model) if dora else ():
+        copy_whole_into(layer.lora_A, initial_lora_A(layer.rank, layer.base_layer.in_features,
+                                                     generator=layer_generator(config.seed, name)))
+        with torch.no_grad():
+            local(layer.lora_B).zero_()
+            local(layer.lora_magnitude).copy_(row_norm_sq(local(layer.base_layer.weight)).sqrt())
     return model
 
 

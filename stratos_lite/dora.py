@@ -58,6 +58,19 @@ def adapter_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return torch.where(keep, x, 0.0), 1.0 / (1.0 - p)
 
 
+def row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
+    """||W||^2 of each row in fp32, without an fp32 copy of W (the magnitude starts at its square root)."""
+    return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=torch.float32).square()
+
+
+def initial_lora_A(rank: int, in_features: int, dtype: torch.dtype = torch.float32,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A as PEFT initialises it (Kaiming-uniform), drawn on the CPU, so one generator gives the same A on
+    every device and every rank."""
+    lora_A = torch.empty(rank, in_features, dtype=dtype)
+    return nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
+
+
 class DoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
@@ -68,10 +81,7 @@ class DoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         weight = base_layer.weight
-        # Drawn on the CPU, so one generator gives the same A on every device (and every rank).
-        lora_A = torch.empty(rank, base_layer.in_features, dtype=dtype)
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)  # PEFT's default initialisation
-        self.lora_A = nn.Parameter(lora_A.to(weight.device))
+        self.lora_A = nn.Parameter(initial_lora_A(rank, base_layer.in_features, dtype, generator).to(weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=dtype, device=weight.device))
         self._cache: dict[str, tuple[tuple, object]] = {}
         self.lora_magnitude = nn.Parameter(self._base_row_norm_sq().sqrt().to(dtype))
@@ -95,10 +105,9 @@ class DoRALinear(nn.Module):
         self._cache = {name: hit for name, hit in self._cache.items() if name == "base_norm_sq"}
 
     def _base_row_norm_sq(self) -> torch.Tensor:
-        """||W||^2 per row in fp32 (without an fp32 copy of W): the frozen W rarely changes."""
+        """||W||^2 per row, cached: the frozen W rarely changes."""
         weight = self.base_layer.weight
-        return self._cached("base_norm_sq", (weight,), lambda: torch.linalg.vector_norm(
-            weight.detach(), dim=1, dtype=torch.float32).square())
+        return self._cached("base_norm_sq", (weight,), lambda: row_norm_sq(weight))
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:

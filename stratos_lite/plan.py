@@ -208,6 +208,7 @@ class Plan:
     seconds_per_step: float | None = None
     probe_steps: int = 0
     total_steps: int = 0
+    per_rank: dict[str, int] = field(default_factory=dict)  # predicted peak per rank by strategy (ranks > 1)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -276,6 +277,9 @@ class Plan:
             lines.append("  note: the peak counts live tensors (what a GPU allocator reports); on a CPU, glibc's heap "
                          "keeps freed blocks resident, and peak RSS measured 1.17-1.78x this figure "
                          "(benchmarks/RESULTS.md, plan accuracy)")
+        if self.per_rank:
+            lines.append(f"  per rank on {self.world_size} ranks: " + "; ".join(
+                f"{strategy} {size / GB:.2f} GB" for strategy, size in self.per_rank.items()))
         lines += [f"  note: {note}" for note in self.notes]
         if not self.fits:
             lines.append(f"  to fit: {self.advice()}")
@@ -407,12 +411,22 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     persistent = counts.weight_bytes + counts.trainable_bytes + 2 * gradients  # + AdamW's two fp32 moments
     accumulating = config.grad_accum > 1
 
+    def strategies(activity: Activity) -> dict[str, int]:
+        """The peak per rank: one process, or each strategy across world_size ranks."""
+        replica = persistent + (gradients if accumulating else 0) + activity.peak
+        if world_size == 1:
+            return {"one process": replica}
+        return {"ddp": replica + gradients,  # DDP's buckets hold a second copy of the gradients
+                "fsdp": _fsdp_peak(simulator.model, counts, world_size, accumulating, activity.peak)}
+
     def peak_at(batch: int) -> tuple[int, Activity]:
         activity = simulator.micro_batch(batch, seq, batch * completion_len, with_grads=accumulating)
-        return persistent + (gradients if accumulating else 0) + activity.peak, activity
+        peaks = strategies(activity)
+        return peaks.get(config.strategy, peaks.get("one process")), activity
 
     batch, completions = config.batch_size, config.batch_size * completion_len
     peak, activity = peak_at(batch)
+    per_rank = strategies(activity) if world_size > 1 else {}
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
     saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
@@ -430,8 +444,23 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
         vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
         max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
+        per_rank=per_rank,
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
+
+
+def _fsdp_peak(model: Qwen3ForCausalLM, counts: ParameterCounts, ranks: int, accumulating: bool,
+               step_peak: int) -> int:
+    """A rank's peak under FSDP2 (distributed.shard_model): its 1/ranks of every parameter and of the
+    optimizer state; the root's parameters (embeddings, lm_head, final norm) whole through the step, and two
+    decoder layers whole at a time (the one running and the one prefetched); gradients whole while they
+    accumulate locally (no reduce-scatter before the last micro-batch), else sharded; the micro-batch's
+    activations as in one process."""
+    layer = _bytes(model.model.layers[0].parameters())
+    root = _bytes(model.parameters()) - layer * len(model.model.layers)
+    gradients = 4 * counts.trainable
+    sharded = (counts.weight_bytes + counts.trainable_bytes + 2 * gradients) // ranks
+    return sharded + root + 2 * layer + (gradients if accumulating else gradients // ranks) + step_peak
 
 
 def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:

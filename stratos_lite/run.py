@@ -11,10 +11,11 @@ import os
 import torch
 
 from .data import ScoredDataset
+from .distributed import load_sharded
 from .dora import apply_dora
 from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, TrainResult, compute_dtype
-from .weights import load_pretrained
+from .weights import load_model
 
 
 def default_device() -> torch.device:
@@ -35,9 +36,13 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
     say = (lambda *_: None) if quiet else print
     # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
     dtype = compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
-    model, tokenizer = load_pretrained(config.model, dtype=dtype, device=device)
-    if config.mode == "dora":
-        say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
+    tokenizer = Tokenizer.from_pretrained(config.model)
+    if config.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        model = load_sharded(config.model, config, dtype, device)  # no rank ever holds the whole model
+    else:
+        model = load_model(config.model, dtype=dtype, device=device)
+        if config.mode == "dora":
+            say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
     if train is None:
         train = ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
     train.report.write(config.out_dir)

@@ -343,7 +343,8 @@ class Trainer:
         if hasattr(self.model, "set_gradient_checkpointing"):
             self.model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
         if self.world_size > 1 and config.strategy == "fsdp":
-            shard_model(self.model, cpu_offload=config.cpu_offload)  # parameters become sharded DTensors
+            if not is_sharded(self.model):  # tools/train.py loads sharded (distributed.load_sharded)
+                shard_model(self.model, cpu_offload=config.cpu_offload)  # parameters become sharded DTensors
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                                       weight_decay=config.weight_decay)

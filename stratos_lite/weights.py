@@ -87,17 +87,17 @@ def checkpoint_dtype(folder: str | Path) -> torch.dtype:
     return _SAFETENSORS_DTYPES[next(iter(header.values()))["dtype"]]
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu") -> Qwen3ForCausalLM:
-    """Qwen3ForCausalLM with the weights of an HF folder, cast to `dtype` on `device`."""
-    folder = Path(path)
-    config = Qwen3Config.from_pretrained(folder)
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    expected = dict(model.named_parameters())  # tied lm_head.weight is the embedding, listed once
+def checkpoint_tensors(folder: str | Path, model: Qwen3ForCausalLM, dtype: torch.dtype,
+                       expected: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of an HF folder, in `dtype`, its name and whole shape checked against `expected` (the
+    model's parameters by checkpoint name; a sharded parameter reports its whole shape); raises at the end
+    if one was missing."""
+    folder = Path(folder)
+    if expected is None:
+        expected = dict(model.named_parameters())  # tied lm_head.weight is the embedding, listed once
     loaded: set[str] = set()
     # Tied checkpoints may still carry a copy of the embedding as lm_head.weight: it is not even read.
-    skip = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+    skip = frozenset({"lm_head.weight"} if model.config.tie_word_embeddings else ())
     for shard, promised in checkpoint_shards(folder).items():
         for name, tensor in _read_shard(shard, promised, dtype, skip):
             if name not in expected:
@@ -106,12 +106,20 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
             if tuple(tensor.shape) != want:
                 raise CheckpointError(f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                       f"config.json implies {want}")
-            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            yield name, tensor.to(dtype)
             loaded.add(name)
     missing = sorted(expected.keys() - loaded)
     if missing:
-        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing "
-                              f"({len(missing)} missing in all)")
+        raise CheckpointError(f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu") -> Qwen3ForCausalLM:
+    """Qwen3ForCausalLM with the weights of an HF folder, cast to `dtype` on `device`."""
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config.from_pretrained(path))
+    for name, tensor in checkpoint_tensors(path, model, dtype):
+        _set_parameter(model, name, tensor.to(device=device))
     model.tie_weights()
     return model.eval()  # like transformers: dropout off until a trainer asks for train()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_child import save_base
 
 from stratos_lite.checkpoint import checkpoints
 
@@ -108,3 +109,21 @@ def test_two_rank_checkpoint_resumes_on_one_rank(demo_dir, tmp_path):
     assert losses(resumed)[:4] == losses(tmp_path / "fsdp")[:4]  # restored from the checkpoint as written
     assert losses(resumed)[4:] == pytest.approx(losses(tmp_path / "fsdp")[4:], rel=1e-5)  # steps 5-6 redone
     assert_close(final_tensors(tmp_path / "fsdp", "dora"), final_tensors(resumed, "dora"))
+
+
+def test_train_tool_loads_each_rank_its_shards_and_matches_one_process(demo_dir, tmp_path):
+    """tools/train.py under torchrun with strategy fsdp builds the model on the meta device, shards it, then
+    reads the weights row block by row block (distributed.load_sharded): the same run as one process."""
+    save_base(str(demo_dir), tmp_path / "base")
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "{tmp_path / "base"}"\ntrain_data = "{demo_dir / "train.jsonl"}"\nrank = 4\n'
+                      'alpha = 8\ndropout = 0.0\nmax_len = 256\nmax_steps = 4\ngrad_accum = 2\nlr = 1e-3\n'
+                      'dtype = "float32"\nverify_batches = 0\nprogress = false\n')
+    tool = str(HERE.parent / "tools" / "train.py")
+    subprocess.run([sys.executable, tool, "--config", str(config), "--set", f'out_dir="{tmp_path / "one"}"',
+                    "--set", "batch_size=4"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), tool, "--config", str(config), "--set", f'out_dir="{tmp_path / "fsdp"}"',
+                    "--set", "batch_size=2", "--set", "strategy=fsdp"], check=True, capture_output=True, env=ENV)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert_close(final_tensors(tmp_path / "one", "dora"), final_tensors(tmp_path / "fsdp", "dora"))

@@ -133,3 +133,19 @@ def test_run_that_does_not_fit_stops_before_loading(tmp_path, demo_dir):
     assert result.returncode == 2
     assert "does not fit" in result.stderr and "predicted peak" in result.stderr and "to fit:" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_plan_on_several_ranks_gives_each_strategy_per_rank():
+    data = DataShape(examples=64, longest=32, longest_completion=8, mean_tokens=32, source="test")
+    deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=12, vocab_size=128))  # layers hold the weight
+    plans = {strategy: sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32", strategy=strategy),
+                               model_config=deep, data=data, memory="8MB", world_size=2)
+             for strategy in ("ddp", "fsdp")}
+    assert plans["ddp"].per_rank == plans["fsdp"].per_rank and set(plans["ddp"].per_rank) == {"ddp", "fsdp"}
+    for strategy, the_plan in plans.items():
+        assert the_plan.peak == the_plan.per_rank[strategy]
+        assert "per rank on 2 ranks: ddp" in the_plan.to_text()
+    # DDP keeps a whole replica plus its gradient buckets; FSDP a half of every shardable byte.
+    one = sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32"), model_config=deep, data=data, memory="8MB")
+    assert plans["ddp"].peak == one.peak + one.gradients
+    assert plans["fsdp"].peak < plans["ddp"].peak

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="with --plan: time N real steps and project the run's wall time")
     parser.add_argument("--memory", help="plan against this much memory (e.g. 24GB) instead of this device's")
+    parser.add_argument("--ranks", type=int, help="plan per rank for this many ranks (default: torchrun's WORLD_SIZE)")
     parser.add_argument("--no-plan-check", action="store_true", help="train even when the plan says it won't fit")
     parser.add_argument("--demo-config", default=str(DEMO_CONFIG), help="the demo's settings (configs/demo.toml)")
     parser.add_argument("--reuse", action="store_true", help="demo: keep what an earlier run left in its out_dir")
@@ -39,7 +40,7 @@ def main() -> None:
         run_demo(DemoConfig.from_toml(args.demo_config), reuse=args.reuse)
         return
     config = sl.TrainConfig.from_toml(args.config, args.set)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = args.ranks or int(os.environ.get("WORLD_SIZE", "1"))
     # Read once: the plan takes its lengths, training the examples. A plan alone may go without (worst case).
     train = None if args.plan and not Path(config.train_data).is_file() else read_training_data(config)
     if args.plan or not args.no_plan_check:
