@@ -5,7 +5,9 @@
 Qwen3-0.6B's shape (596 M parameters, random bf16 weights), DoRA r16 on all 7 linears, bf16 autocast,
 gradient checkpointing (layer), global batch 2 x accumulation 2: one process with batch 2, or two ranks
 (torchrun, gloo, one thread each) with batch 1. Each process reports its peak RSS growth over the RSS
-before the model was built (CPU) or max_memory_allocated (GPU), and the median step time after the first.
+before the model was loaded (CPU) or max_memory_allocated (GPU), the bytes of parameters it holds (its
+shards under FSDP), and the median step time after the first. The model is a random bf16 HF folder
+loaded as tools/train.py loads it (FSDP: distributed.load_sharded, each rank reading only its rows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from step_speed import SHAPES, examples
 
 import stratos_lite as sl
+from stratos_lite.distributed import load_sharded, local
 from stratos_lite.run import default_device
 
 STRATEGIES = ("one process", "ddp", "fsdp")
@@ -35,30 +38,40 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def worker(out_dir: str, strategy: str, seq: int, steps: int) -> None:
+def worker(folder: str, out_dir: str, strategy: str, seq: int, steps: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = default_device()
+    config = sl.TrainConfig(model=folder, out_dir=out_dir, batch_size=2 // world, grad_accum=2, max_steps=steps,
+                            max_len=seq, dtype="bfloat16", band_sampling=False, verify_batches=0,
+                            save_every=10**9, progress=False, strategy="fsdp" if strategy == "fsdp" else "ddp")
     before = rss()
-    torch.manual_seed(0)  # the same random weights on every rank
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**SHAPES["qwen3-0.6b"]))
-    torch.set_default_dtype(torch.float32)
-    model.to_empty(device=device).tie_weights()
-    model.initialize_weights()
-    sl.apply_dora(model, 16, 32, 0.05)
-    config = sl.TrainConfig(out_dir=out_dir, batch_size=2 // world, grad_accum=2, max_steps=steps, max_len=seq,
-                            dtype="bfloat16", band_sampling=False, verify_batches=0, save_every=10**9,
-                            progress=False, strategy="fsdp" if strategy == "fsdp" else "ddp")
+    if strategy == "fsdp":  # what tools/train.py does: no rank ever holds the whole model
+        model = load_sharded(folder, config, torch.bfloat16, device)
+    else:
+        model = sl.load_model(folder, dtype=torch.bfloat16, device=device)
+        sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets)
+    parameters = sum(local(p).numel() * p.element_size() for p in model.parameters())
     trainer = sl.Trainer(model, examples(SHAPES["qwen3-0.6b"]["vocab_size"], seq, 16), config)
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-    report = {"rank": trainer.rank, "peak": peak}
+    report = {"rank": trainer.rank, "peak": peak, "parameters": parameters}
     if trainer.rank == 0:
         lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
         report["step_seconds"] = statistics.median(json.loads(line)["step_seconds"] for line in lines[1:])
     (Path(out_dir) / f"rank{trainer.rank}.json").write_text(json.dumps(report))
+
+
+def write_model(folder: Path) -> None:
+    """Qwen3-0.6B's shape with random bf16 weights, as an HF folder (sharded, as real checkpoints are)."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**SHAPES["qwen3-0.6b"]))
+    torch.set_default_dtype(torch.float32)
+    model.to_empty(device="cpu").tie_weights()
+    model.initialize_weights()
+    sl.save_pretrained(model, None, folder, max_shard_size="400MB")
 
 
 def free_port() -> int:
@@ -67,8 +80,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(strategy: str, out_dir: str, seq: int, steps: int) -> list[dict]:
-    args = [__file__, "--worker", strategy, "--out", out_dir, "--seq", str(seq), "--steps", str(steps)]
+def launch(strategy: str, folder: str, out_dir: str, seq: int, steps: int) -> list[dict]:
+    args = [__file__, "--worker", strategy, "--model", folder, "--out", out_dir, "--seq", str(seq),
+            "--steps", str(steps)]
     if strategy == "one process":
         command = [sys.executable, *args]
     else:
@@ -84,19 +98,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--worker", choices=STRATEGIES, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.out, args.worker, args.seq, args.steps)
+        return worker(args.model, args.out, args.worker, args.seq, args.steps)
     print(f"qwen3-0.6b shape, DoRA r16, bf16, seq {args.seq}, global batch 2 x accumulation 2, {args.steps} steps; "
           f"torch {torch.__version__}")
-    print("| strategy | peak per rank (GB) | s/step |\n|---|---|---|")
-    for strategy in STRATEGIES:
-        with tempfile.TemporaryDirectory() as out_dir:
-            reports = launch(strategy, out_dir, args.seq, args.steps)
-        peaks = " / ".join(f"{r['peak'] / 1e9:.2f}" for r in reports)
-        seconds = next(r["step_seconds"] for r in reports if "step_seconds" in r)
-        print(f"| {strategy} | {peaks} | {seconds:.2f} |", flush=True)
+    print("| strategy | parameters per rank (GB) | peak per rank (GB) | s/step |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as work:
+        write_model(Path(work) / "model")
+        for strategy in STRATEGIES:
+            out_dir = Path(work) / strategy.replace(" ", "_")
+            reports = launch(strategy, str(Path(work) / "model"), str(out_dir), args.seq, args.steps)
+            params = " / ".join(f"{r['parameters'] / 1e9:.2f}" for r in reports)
+            peaks = " / ".join(f"{r['peak'] / 1e9:.2f}" for r in reports)
+            seconds = next(r["step_seconds"] for r in reports if "step_seconds" in r)
+            print(f"| {strategy} | {params} | {peaks} | {seconds:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
