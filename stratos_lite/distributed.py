@@ -14,10 +14,12 @@ written by rank 0), the same files a one-process run writes, so any number of ra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,6 +37,18 @@ from .weights import checkpoint_tensors
 
 if TYPE_CHECKING:
     from .trainer import TrainConfig  # the trainer imports this module
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group when torchrun started this process (NCCL/RCCL on GPUs,
+    each rank on its own device; gloo on CPUs), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:

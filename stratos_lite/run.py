@@ -11,7 +11,7 @@ import os
 import torch
 
 from .data import ScoredDataset
-from .distributed import load_sharded
+from .distributed import init_distributed, load_sharded
 from .dora import apply_dora
 from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, TrainResult, compute_dtype
@@ -37,7 +37,8 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
     # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
     dtype = compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
     tokenizer = Tokenizer.from_pretrained(config.model)
-    if config.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    _, world_size = init_distributed()  # before loading: a sharded load needs the process group
+    if config.strategy == "fsdp" and world_size > 1:
         model = load_sharded(config.model, config, dtype, device)  # no rank ever holds the whole model
     else:
         model = load_model(config.model, dtype=dtype, device=device)

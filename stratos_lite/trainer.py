@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointWarning, checkpoint_damage, checkpoints, load_checkpoint, save_checkpoint
 from .cpu_memory import use_one_malloc_arena
 from .data import IGNORE_INDEX, collate
-from .distributed import is_sharded, local, shard_model, whole, whole_parameters, whole_state, whole_trainable
+from .distributed import (
+    init_distributed,
+    is_sharded,
+    local,
+    shard_model,
+    whole,
+    whole_parameters,
+    whole_state,
+    whole_trainable,
+)
 from .dora import DEFAULT_TARGETS, dora_layers, save_adapter
 from .files import read_toml
 from .model import CheckpointError, Qwen3ForCausalLM
@@ -285,7 +294,7 @@ class Trainer:
         self.model, self.train_dataset, self.config = model, train_dataset, config
         self.eval_dataset, self.pad_id = eval_dataset, pad_id
         self.out_dir = Path(config.out_dir)
-        self.rank, self.world_size = _distributed_rank()
+        self.rank, self.world_size = init_distributed()
         self.device = next(model.parameters()).device
         self.compute_dtype = compute_dtype(config.dtype, self.device)  # resolved once, not per micro-batch
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -566,14 +575,3 @@ class Trainer:
             for handle in handles:
                 handle.remove()
         return found[0] if found else None
-
-
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when torchrun started this process, else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
