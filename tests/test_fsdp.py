@@ -61,11 +61,11 @@ def assert_close(expected: dict, actual: dict, rtol: float = 1e-5) -> None:
         assert (expected[name] - actual[name]).abs().max() / scale <= rtol, name
 
 
-@pytest.mark.parametrize("mode", ["dora", "full"])
-def test_fsdp_two_ranks_match_one_process(demo_dir, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "offload"), [("dora", []), ("full", []), ("dora", ["--cpu-offload"])])
+def test_fsdp_two_ranks_match_one_process(demo_dir, tmp_path, mode, offload):
     one_process(demo_dir, tmp_path / "one", "--steps", "5", "--mode", mode)
-    subprocess.run(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "5", "--mode", mode), check=True, env=ENV,
-                   capture_output=True)
+    subprocess.run(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "5", "--mode", mode, *offload), check=True,
+                   env=ENV, capture_output=True)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_close(final_tensors(tmp_path / "one", mode), final_tensors(tmp_path / "fsdp", mode))
     # Checkpoints hold whole tensors whatever the world size: the same names and shapes as one process's.
@@ -127,3 +127,15 @@ def test_train_tool_loads_each_rank_its_shards_and_matches_one_process(demo_dir,
                     "--set", "batch_size=2", "--set", "strategy=fsdp"], check=True, capture_output=True, env=ENV)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_close(final_tensors(tmp_path / "one", "dora"), final_tensors(tmp_path / "fsdp", "dora"))
+
+
+def test_nan_guard_stops_every_rank_with_its_diagnosis(demo_dir, tmp_path):
+    """A non-finite step stops both ranks (no rank left waiting in a collective), names the module, and
+    keeps the last finite adapter."""
+    result = subprocess.run(two_ranks(demo_dir, tmp_path, "--nan"), env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    diagnosis = (tmp_path / "nonfinite_diagnosis.txt").read_text()
+    assert "step 1" in diagnosis and "first module whose output went non-finite: model.layers.1.mlp" in diagnosis
+    adapter = final_tensors(tmp_path, "dora")
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())

@@ -1,7 +1,7 @@
 """A small training run in its own process (for the kill/resume and torchrun tests).
 
     python tests/train_child.py DATA_DIR OUT_DIR [--slow] [--batch-size B] [--dropout P] [--steps N]
-                                [--mode dora|full] [--strategy ddp|fsdp]
+                                [--mode dora|full] [--strategy ddp|fsdp] [--cpu-offload] [--nan]
 """
 
 import argparse
@@ -56,12 +56,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--mode", default="dora", choices=["dora", "full"])
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--nan", action="store_true", help="poison layer 1's MLP output (the NaN guard's test)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, dataset, tokenizer = build(args.data_dir, args.dropout, args.mode)
+    if args.nan:
+        model.model.layers[1].mlp.register_forward_hook(lambda module, inputs, out: out * float("nan"))
     config = TrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=2, lr=1e-3, max_steps=args.steps,
                          save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False,
-                         mode=args.mode, strategy=args.strategy)
+                         mode=args.mode, strategy=args.strategy, cpu_offload=args.cpu_offload)
     Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
 
 
