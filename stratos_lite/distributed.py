@@ -51,6 +51,14 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def leave_distributed() -> None:
+    """Leave the process group at the end of a torchrun process: a process that exits with gloo's threads
+    still running can die with SIGABRT ("terminate called without an active exception") after its work."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head). In place."""
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)

@@ -44,6 +44,12 @@ def two_ranks(data_dir, out_dir, *extra, slow=False) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def run_ranks(command: list[str]) -> None:
+    """Run a torchrun command; a failure shows what the ranks printed."""
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
 def losses(out_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,8 +70,7 @@ def assert_close(expected: dict, actual: dict, rtol: float = 1e-5) -> None:
 @pytest.mark.parametrize(("mode", "offload"), [("dora", []), ("full", []), ("dora", ["--cpu-offload"])])
 def test_fsdp_two_ranks_match_one_process(demo_dir, tmp_path, mode, offload):
     one_process(demo_dir, tmp_path / "one", "--steps", "5", "--mode", mode)
-    subprocess.run(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "5", "--mode", mode, *offload), check=True,
-                   env=ENV, capture_output=True)
+    run_ranks(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "5", "--mode", mode, *offload))
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_close(final_tensors(tmp_path / "one", mode), final_tensors(tmp_path / "fsdp", mode))
     # Checkpoints hold whole tensors whatever the world size: the same names and shapes as one process's.
@@ -80,7 +85,7 @@ def worker_pids(launcher: int) -> list[int]:
 
 
 def test_fsdp_resume_after_sigkill_continues_identically(demo_dir, tmp_path):
-    subprocess.run(two_ranks(demo_dir, tmp_path / "straight"), check=True, env=ENV, capture_output=True)
+    run_ranks(two_ranks(demo_dir, tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
     launcher = subprocess.Popen(two_ranks(demo_dir, interrupted, slow=True), env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -92,15 +97,14 @@ def test_fsdp_resume_after_sigkill_continues_identically(demo_dir, tmp_path):
     launcher.wait(timeout=60)
     assert [p.name for p in checkpoints(interrupted)][-1] == "checkpoint-000004"
     assert not (interrupted / "adapter").exists()
-    subprocess.run(two_ranks(demo_dir, interrupted), check=True, env=ENV, capture_output=True)
+    run_ranks(two_ranks(demo_dir, interrupted))
     assert losses(interrupted) == losses(tmp_path / "straight")
     straight, resumed = final_tensors(tmp_path / "straight", "dora"), final_tensors(interrupted, "dora")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(demo_dir, tmp_path):
-    subprocess.run(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "6"), check=True, env=ENV,
-                   capture_output=True)
+    run_ranks(two_ranks(demo_dir, tmp_path / "fsdp", "--steps", "6"))
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp", resumed)
     shutil.rmtree(resumed / "checkpoint-000006")
@@ -122,9 +126,9 @@ def test_train_tool_loads_each_rank_its_shards_and_matches_one_process(demo_dir,
     tool = str(HERE.parent / "tools" / "train.py")
     subprocess.run([sys.executable, tool, "--config", str(config), "--set", f'out_dir="{tmp_path / "one"}"',
                     "--set", "batch_size=4"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(free_port()), tool, "--config", str(config), "--set", f'out_dir="{tmp_path / "fsdp"}"',
-                    "--set", "batch_size=2", "--set", "strategy=fsdp"], check=True, capture_output=True, env=ENV)
+    run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), tool, "--config", str(config), "--set", f'out_dir="{tmp_path / "fsdp"}"',
+               "--set", "batch_size=2", "--set", "strategy=fsdp"])
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_close(final_tensors(tmp_path / "one", "dora"), final_tensors(tmp_path / "fsdp", "dora"))
 

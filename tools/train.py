@@ -16,6 +16,7 @@ from pathlib import Path
 import stratos_lite as sl
 from stratos_lite.cli import run
 from stratos_lite.demo_run import DemoConfig, run_demo
+from stratos_lite.distributed import leave_distributed
 from stratos_lite.plan import DataShape, check_fits, probe
 from stratos_lite.run import read_training_data, train_from_config
 
@@ -53,6 +54,7 @@ def main() -> None:
             return
         check_fits(the_plan)
     result = train_from_config(config, train=train)
+    leave_distributed()
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
 
 
