@@ -28,7 +28,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointWarning, checkpoint_damage, checkpoints, load_checkpoint, save_checkpoint
-from .cpu_memory import use_one_malloc_arena
 from .data import IGNORE_INDEX, collate
 from .distributed import (
     init_distributed,
@@ -341,8 +340,6 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.device.type == "cpu":
-            use_one_malloc_arena()  # resident memory close to live tensors, as the plan predicts it
         if config.dtype == "bfloat16" and not bf16_is_native(self.device):
             self._print(f"WARNING: dtype bfloat16 on a {self.device.type} without native bf16 runs emulated, many "
                         "times slower than float32; dtype = 'auto' picks float32 here.")
