@@ -64,8 +64,7 @@ def synthetic_examples(count: int, seq: int, completion: int) -> list[dict]:
 def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     """Two real optimizer steps with accumulation, every tensor the Trainer creates counted as it lives:
     the peak is the plan's (weights, adapters, gradients, AdamW state, activations) within 1 %: what the
-    plan leaves out is the step's token ids, labels and loss scalars (kilobytes; at 0.6B's shape the gap
-    measured 13 kB of 1.6 GB)."""
+    plan leaves out is the step's token ids, labels and loss scalars (kilobytes)."""
     seq, completion = 48, 12
     config = sl.TrainConfig(out_dir=str(tmp_path), rank=4, alpha=8, batch_size=2, grad_accum=2, max_steps=2,
                             max_len=seq, band_sampling=False, verify_batches=0, save_every=10**9, progress=False,
