@@ -275,7 +275,7 @@ class Plan:
                          f"{self.total_steps:,} steps")
         if self.device == "cpu" and self.memory_source != "given":
             lines.append("  note: the peak counts live tensors (what a GPU allocator reports); on a CPU, glibc's heap "
-                         "keeps freed blocks resident, and peak RSS measured 1.17-1.78x this figure "
+                         "keeps freed blocks resident, and peak RSS measured 1.15-1.75x this figure "
                          "(benchmarks/RESULTS.md, plan accuracy)")
         if self.per_rank:
             lines.append(f"  per rank on {self.world_size} ranks: " + "; ".join(
