@@ -28,6 +28,7 @@ from step_speed import SHAPES, examples
 
 import stratos_lite as sl
 from stratos_lite.distributed import leave_distributed, load_sharded, local
+from stratos_lite.plan import DataShape
 from stratos_lite.run import default_device
 
 STRATEGIES = ("one process", "ddp", "fsdp")
@@ -75,6 +76,16 @@ def write_model(folder: Path) -> None:
     sl.save_pretrained(model, None, folder, max_shard_size="400MB")
 
 
+def predicted(strategy: str, seq: int) -> int:
+    """The plan's per-rank peak for the same run (live tensors; nothing loaded)."""
+    world = 1 if strategy == "one process" else 2
+    config = sl.TrainConfig(batch_size=2 // world, grad_accum=2, max_len=seq, dtype="bfloat16",
+                            strategy="fsdp" if strategy == "fsdp" else "ddp")
+    data = DataShape(examples=16, longest=seq, longest_completion=seq // 5, mean_tokens=seq, source="synthetic")
+    return sl.plan(config, model_config=sl.Qwen3Config(**SHAPES["qwen3-0.6b"]), data=data, world_size=world,
+                   memory="64GB").peak
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -106,7 +117,8 @@ def main() -> None:
         return worker(args.model, args.out, args.worker, args.seq, args.steps)
     print(f"qwen3-0.6b shape, DoRA r16, bf16, seq {args.seq}, global batch 2 x accumulation 2, {args.steps} steps; "
           f"torch {torch.__version__}")
-    print("| strategy | parameters per rank (GB) | peak per rank (GB) | s/step |\n|---|---|---|---|")
+    print("| strategy | parameters per rank (GB) | plan per rank (GB) | peak per rank (GB) | s/step |\n"
+          "|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         write_model(Path(work) / "model")
         for strategy in STRATEGIES:
@@ -115,7 +127,8 @@ def main() -> None:
             params = " / ".join(f"{r['parameters'] / 1e9:.2f}" for r in reports)
             peaks = " / ".join(f"{r['peak'] / 1e9:.2f}" for r in reports)
             seconds = next(r["step_seconds"] for r in reports if "step_seconds" in r)
-            print(f"| {strategy} | {params} | {peaks} | {seconds:.2f} |", flush=True)
+            print(f"| {strategy} | {params} | {predicted(strategy, args.seq) / 1e9:.2f} | {peaks} | {seconds:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
