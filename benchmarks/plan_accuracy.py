@@ -5,7 +5,9 @@
 
 Each setting trains for two optimizer steps in a fresh interpreter (random weights built in place, synthetic
 examples whose last quarter is completion) and reports its peak: on the CPU the growth of peak RSS over the
-RSS before the model was built, on a GPU torch.cuda.max_memory_allocated. The plan is made in this process
+RSS before the model was built, twice, with TrainConfig.heap_release "off" (the default: glibc keeps freed
+blocks resident) and "layers" (freed pages handed back every 4 decoder layers); on a GPU
+torch.cuda.max_memory_allocated. The plan is made in this process
 from the same settings (sl.plan with the model's config and the data's shape, nothing loaded).
 """
 
@@ -17,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from step_speed import examples
@@ -43,9 +46,9 @@ SETTINGS = [
 STEPS = 2
 
 
-def train_config(settings: dict, seq: int, out_dir: str = "unused") -> sl.TrainConfig:
+def train_config(settings: dict, seq: int, out_dir: str = "unused", heap_release: str = "off") -> sl.TrainConfig:
     return sl.TrainConfig(out_dir=out_dir, max_len=seq, max_steps=STEPS, band_sampling=False, verify_batches=0,
-                          save_every=10**9, progress=False, lr=1e-5, **settings)
+                          save_every=10**9, progress=False, lr=1e-5, heap_release=heap_release, **settings)
 
 
 def rss() -> int:
@@ -53,8 +56,9 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def train(shape: dict, settings: dict, seq: int, device: torch.device) -> None:
-    config = train_config(settings, seq)
+def train(shape: dict, settings: dict, seq: int, device: torch.device, heap_release: str) -> float:
+    """Trains; returns the seconds of the last step (the first pays for warming up)."""
+    config = train_config(settings, seq, heap_release=heap_release)
     weights_dtype = sl.compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
     torch.set_default_dtype(weights_dtype)  # filled in place in its dtype, as loading a folder leaves it
     with torch.device("meta"):
@@ -69,21 +73,24 @@ def train(shape: dict, settings: dict, seq: int, device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         config.out_dir = out_dir
         sl.Trainer(model, examples(shape["vocab_size"], seq, 16, completion=seq // 4), config).train()
+        last = (Path(out_dir) / "metrics.jsonl").read_text().strip().splitlines()[-1]
+    return json.loads(last)["step_seconds"]
 
 
-def measure(index: int) -> int:
-    """Peak memory of one setting's run. A tiny run of the same kind goes first, so that the growth counts
-    the run's memory and not the library code its first steps page in (a fixed few hundred MB of RSS)."""
+def measure(index: int, heap_release: str) -> tuple[int, float]:
+    """Peak memory of one setting's run, and its last step's seconds. A tiny run of the same kind goes first,
+    so that the growth counts the run's memory and not the library code its first steps page in (a fixed
+    few hundred MB of RSS)."""
     shape, settings, seq = SETTINGS[index]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train(SHAPES["tiny"], settings, 32, device)
+    train(SHAPES["tiny"], settings, 32, device, heap_release)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = rss()
-    train(SHAPES[shape], settings, seq, device)
+    seconds = train(SHAPES[shape], settings, seq, device, heap_release)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        return torch.cuda.max_memory_allocated(), seconds
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, seconds
 
 
 def predict(index: int) -> sl.Plan:
@@ -103,20 +110,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=int, nargs="+", help="indices of SETTINGS to run")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--heap-release", default="off", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps({"peak": measure(args.child)}))
+        peak, seconds = measure(args.child, args.heap_release)
+        print(json.dumps({"peak": peak, "step_seconds": seconds}))
         return
-    device = "GPU (max_memory_allocated)" if torch.cuda.is_available() else "CPU (peak RSS growth)"
-    print(f"{device}; torch {torch.__version__}; {STEPS} optimizer steps per setting")
-    print("| setting | predicted GB | measured GB | error |\n|---|---|---|---|")
+    on_gpu = torch.cuda.is_available()
+    modes = ["off"] if on_gpu else ["off", "layers"]  # heap_release acts on the CPU only
+    print(f"{'GPU (max_memory_allocated)' if on_gpu else 'CPU (peak RSS growth)'}; torch {torch.__version__}; "
+          f"{STEPS} optimizer steps per setting")
+    print("| setting | predicted GB | " + " | ".join(f"measured GB, heap_release {m} | error | s/step" for m in modes)
+          + " |")
+    print("|---|---|" + "---|---|---|" * len(modes))
     for index in args.only if args.only is not None else range(len(SETTINGS)):
         predicted = predict(index).peak
-        out = subprocess.run([sys.executable, __file__, "--child", str(index)], check=True, capture_output=True,
-                             text=True).stdout
-        measured = json.loads(out.strip().splitlines()[-1])["peak"]
-        print(f"| {describe(index)} | {predicted / 1e9:.2f} | {measured / 1e9:.2f} | "
-              f"{100 * (predicted - measured) / measured:+.1f} % |", flush=True)
+        cells = [f"{predicted / 1e9:.2f}"]
+        for mode in modes:
+            measured, seconds = run_child(index, mode)
+            cells += [f"{measured / 1e9:.2f}", f"{100 * (predicted - measured) / measured:+.1f} %", f"{seconds:.2f}"]
+        print(f"| {describe(index)} | " + " | ".join(cells) + " |", flush=True)
+
+
+def run_child(index: int, heap_release: str) -> tuple[int, float]:
+    """One setting's measured peak and last step's seconds, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, __file__, "--child", str(index), "--heap-release", heap_release],
+                         check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["peak"], result["step_seconds"]
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ class Plan:
     probe_steps: int = 0
     total_steps: int = 0
     per_rank: dict[str, int] = field(default_factory=dict)  # predicted peak per rank by strategy (ranks > 1)
+    heap_release: str = "off"  # TrainConfig.heap_release: whether CPU RSS is held near the live peak
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -444,7 +445,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
         vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
         max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
-        per_rank=per_rank,
+        per_rank=per_rank, heap_release=config.heap_release,
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
 

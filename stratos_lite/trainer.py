@@ -41,6 +41,7 @@ from .distributed import (
 )
 from .dora import DEFAULT_TARGETS, dora_layers, save_adapter
 from .files import read_toml
+from .heap import release_free_memory, released_every
 from .model import CheckpointError, Qwen3ForCausalLM
 from .sampler import BandSampler, format_verification, verify_sampler
 from .training_report import write_training_summary
@@ -91,6 +92,12 @@ class TrainConfig:
     # optimizer state across ranks (FSDP2), optionally keeping parameters in CPU memory between uses.
     strategy: str = "ddp"
     cpu_offload: bool = False
+    # CPU memory (stratos_lite/heap.py): hand freed heap pages back to the OS so that peak RSS follows the
+    # tensors alive (the plan's figure) instead of drifting above it. "steps": at each micro-batch's forward
+    # and backward and after the optimizer step; "layers": also every `heap_release_every` decoder layers.
+    # Pays where steps are long (Qwen3-0.6B: "steps" free, "layers" ~10 %); short steps pay up to 1.5x.
+    heap_release: str = "off"
+    heap_release_every: int = 4
     # Checkpoints, logging, the guard.
     save_every: int = 200
     keep_checkpoints: int = 3
@@ -199,6 +206,8 @@ _RANGES = {
     "dtype": _one_of("bfloat16", "float32", "auto"),
     "checkpoint_policy": _one_of("layer", "mlp"),
     "strategy": _one_of("ddp", "fsdp"),
+    "heap_release": _one_of("off", "steps", "layers"),
+    "heap_release_every": _at_least(1),
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     "save_every": _at_least(1),
     "keep_checkpoints": _at_least(0),  # 0 keeps every checkpoint
@@ -296,6 +305,7 @@ class Trainer:
         self.rank, self.world_size = init_distributed()
         self.device = next(model.parameters()).device
         self.compute_dtype = compute_dtype(config.dtype, self.device)  # resolved once, not per micro-batch
+        self.release_heap = self.device.type == "cpu" and config.heap_release != "off"
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (apply_dora, or mode='full')")
@@ -364,10 +374,23 @@ class Trainer:
         model = self.model.train()
         if self.world_size > 1 and not is_sharded(model):  # wrapped after resuming: every rank starts alike
             model = nn.parallel.DistributedDataParallel(model)
-        draw = iter(sampler)
         bar = tqdm(total=total, initial=step, desc="train", disable=not config.progress or self.rank != 0,
                    dynamic_ncols=True)
         start = time.perf_counter()
+        with self._heap_released_in_layers():
+            self._loop(model, optimizer, scheduler, sampler, step, metrics, skipped, bar)
+        bar.close()
+        return self._finish(metrics, time.perf_counter() - start)
+
+    def _heap_released_in_layers(self):
+        layers = getattr(getattr(self.model, "model", None), "layers", [])
+        every = self.config.heap_release_every if self.release_heap and self.config.heap_release == "layers" else 0
+        return released_every(layers, every)
+
+    def _loop(self, model, optimizer, scheduler, sampler, step, metrics, skipped, bar) -> None:
+        """Optimizer steps from `step` (0, or where a checkpoint left off) to the end."""
+        config, total = self.config, self.total_steps()
+        draw = iter(sampler)
         while step < total:
             t0 = time.perf_counter()
             micro_batches = [collate([self.train_dataset[next(draw)] for _ in range(config.batch_size)], self.pad_id)
@@ -390,8 +413,6 @@ class Trainer:
             self._log(record, bar)
             if step % config.save_every == 0 or step == total:
                 self._save(step, optimizer, scheduler, sampler, metrics, skipped)
-        bar.close()
-        return self._finish(metrics, time.perf_counter() - start)
 
     def _step(self, model: nn.Module, micro_batches: list[dict], optimizer) -> tuple[float, float, int]:
         """Forward/backward every micro-batch against one denominator; clip; step unless non-finite."""
@@ -406,9 +427,12 @@ class Trainer:
         for index, mb in enumerate(micro_batches):
             tokens += int(mb["lengths"].sum())  # counted on the CPU: no device sync per micro-batch
             mb = {k: mb[k].to(self.device) for k in ("input_ids", "labels", "weight")}
+            self._release_heap()
             with self._gradient_sync(model, last=index == len(micro_batches) - 1), self._autocast():
                 per_example = example_losses(model, mb)
                 loss = (per_example * mb["weight"]).sum() / denominator
+            if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
+                loss.register_hook(lambda grad: release_free_memory())
             # DDP and FSDP average gradients over ranks; scaling by world size turns that into the global sum.
             (loss * self.world_size).backward()
             loss_total += loss.detach()
@@ -419,8 +443,13 @@ class Trainer:
         if bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm)):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            self._release_heap()
         # else: a non-finite step never reaches the weights; its gradients stay for the diagnosis.
         return float(loss_total), float(grad_norm), tokens
+
+    def _release_heap(self) -> None:
+        if self.release_heap:
+            release_free_memory()
 
     def _gradient_sync(self, model: nn.Module, last: bool):
         """Reduce gradients across ranks on the step's last micro-batch only (accumulate locally before)."""

@@ -20,7 +20,7 @@ import stratos_lite as sl
 from stratos_lite import checkpoint as checkpoint_module
 from stratos_lite.checkpoint import checkpoints
 from stratos_lite.data import collate
-from stratos_lite.trainer import NonFiniteError, TrainConfig, Trainer, cosine_with_warmup
+from stratos_lite.trainer import ConfigError, NonFiniteError, TrainConfig, Trainer, cosine_with_warmup
 
 HERE = Path(__file__).parent
 
@@ -268,3 +268,42 @@ def test_auto_dtype_trains_as_the_dtype_it_resolves_to(demo_dir, tmp_path):
         Trainer(model, dataset, quick_config(tmp_path / setting, dtype=setting, max_steps=2), pad_id=tok.pad_id).train()
         losses[setting] = [json.loads(line)["loss"] for line in (tmp_path / setting / "metrics.jsonl").open()]
     assert losses["auto"] == next(v for k, v in losses.items() if k != "auto")
+
+
+def test_heap_release_changes_nothing_but_where_memory_is_returned(demo_dir, tmp_path, monkeypatch):
+    """heap_release hands freed pages back at the points it names (counted here) and trains exactly as "off"."""
+    from stratos_lite import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    losses, counts = {}, {}
+    for mode in ("off", "steps", "layers"):
+        calls.clear()
+        model, dataset, tok = build(str(demo_dir), dropout=0.0)
+        config = quick_config(tmp_path / mode, max_steps=2, heap_release=mode, heap_release_every=1)
+        Trainer(model, dataset, config, pad_id=tok.pad_id).train()
+        losses[mode] = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").open()]
+        counts[mode] = len(calls)
+        layers = len(model.model.layers)
+        assert all(not layer._forward_pre_hooks for layer in model.model.layers)  # removed after training
+    # Per step: 2 micro-batches x (before forward + before backward) + after the optimizer step.
+    assert counts == {"off": 0, "steps": 2 * 5, "layers": 2 * 5 + 2 * 2 * layers}
+    assert losses["off"] == losses["steps"] == losses["layers"]
+    with pytest.raises(ConfigError, match="heap_release"):
+        TrainConfig(heap_release="sometimes")
+
+
+def test_released_every_counts_calls_across_layers(monkeypatch):
+    from stratos_lite import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    layers = [torch.nn.Identity() for _ in range(3)]
+    with heap.released_every(layers, 2):
+        for _ in range(2):
+            for layer in layers:
+                layer(torch.zeros(1))
+    assert calls == [0, 0, 0]  # the 2nd, 4th and 6th call
+    with heap.released_every(layers, 0):
+        layers[0](torch.zeros(1))
+    assert len(calls) == 3 and not layers[0]._forward_pre_hooks
