@@ -2,11 +2,12 @@
 
 PyTorch's CPU tensors live in glibc's heap. A tensor freed below one still alive (a layer's temporaries
 under the layer input that checkpointing keeps) cannot be returned by glibc on its own, so a step's
-resident memory drifts above the bytes its tensors hold: 1.15-1.75x the plan's exact live peak in
+resident memory drifts above the bytes its tensors hold: 1.17-1.78x the plan's exact live peak in
 benchmarks/plan_accuracy.py. malloc_trim(0) returns every whole free page in the heap. Where it is called
-decides the trade: at the boundaries of a step (each micro-batch's forward and backward, the optimizer
-step) it costs nothing measurable; every few decoder layers it holds the peak near the live bytes, at the
-price of faulting those pages in again (about 10 % of a step at every 4 layers).
+decides the trade, and the price is faulting the pages in again: at the boundaries of a step (each
+micro-batch's forward and backward, the optimizer step) nothing measurable at Qwen3-0.6B's shape (10 s
+steps), but 1.5x on the demo's 0.1 s steps, hence off by default; every 4 decoder layers it holds the peak
+within 11 % of the live bytes for 0-22 % more step time (benchmarks/RESULTS.md).
 
 On a libc without malloc_trim (macOS, musl) every call here does nothing.
 """

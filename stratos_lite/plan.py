@@ -212,6 +212,15 @@ class Plan:
     heap_release: str = "off"  # TrainConfig.heap_release: whether CPU RSS is held near the live peak
     notes: list[str] = field(default_factory=list)
 
+    def cpu_rss_note(self) -> str:
+        """How peak RSS compares with the plan on a CPU, as benchmarks/plan_accuracy.py measured it."""
+        if self.heap_release == "layers":
+            return ("with heap_release 'layers' peak RSS measured within 11 % of this figure "
+                    "(benchmarks/RESULTS.md, plan accuracy)")
+        return ("the peak counts live tensors (what a GPU allocator reports); on a CPU glibc's heap keeps freed "
+                "blocks resident and peak RSS measured 1.17-1.78x this figure, within 11 % of it with heap_release "
+                "'layers' (benchmarks/RESULTS.md, plan accuracy)")
+
     @property
     def fits(self) -> bool:
         return self.peak <= self.memory
@@ -275,9 +284,7 @@ class Plan:
                          f"steps after the first): {format_duration(self.projected_seconds)} for "
                          f"{self.total_steps:,} steps")
         if self.device == "cpu" and self.memory_source != "given":
-            lines.append("  note: the peak counts live tensors (what a GPU allocator reports); on a CPU, glibc's heap "
-                         "keeps freed blocks resident, and peak RSS measured 1.15-1.75x this figure "
-                         "(benchmarks/RESULTS.md, plan accuracy)")
+            lines.append("  note: " + self.cpu_rss_note())
         if self.per_rank:
             lines.append(f"  per rank on {self.world_size} ranks: " + "; ".join(
                 f"{strategy} {size / GB:.2f} GB" for strategy, size in self.per_rank.items()))
