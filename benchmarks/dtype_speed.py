@@ -41,15 +41,21 @@ def step_seconds(dtype: torch.dtype, batch: dict, model_config: dict, vocab: int
     return median_seconds(step, repeats)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
+def demo_base_phase() -> tuple[DemoConfig, sl.Tokenizer, sl.ScoredDataset]:
+    """The demo's configuration (configs/demo.toml), tokenizer and base-phase data, generated as the demo does."""
     demo = DemoConfig.from_toml(CONFIG)
     with tempfile.TemporaryDirectory() as folder:
         paths = make_demo_data(folder, seed=demo.seed, **demo.data)
         tokenizer = sl.Tokenizer.from_pretrained(paths["tokenizer"])
         data = sl.ScoredDataset.from_jsonl(paths["base"], tokenizer, max_len=demo.base["max_len"])
+    return demo, tokenizer, data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    demo, tokenizer, data = demo_base_phase()
     batch = collate([data[i] for i in range(demo.base["batch_size"])], tokenizer.pad_id)
     cpu = torch.device("cpu")
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "

@@ -5,9 +5,9 @@
 
 Each setting trains for two optimizer steps in a fresh interpreter (random weights built in place, synthetic
 examples whose last quarter is completion) and reports its peak: on the CPU the growth of peak RSS over the
-RSS before the model was built, twice, with TrainConfig.heap_release "off" (the default: glibc keeps freed
-blocks resident) and "layers" (freed pages handed back every 4 decoder layers); on a GPU
-torch.cuda.max_memory_allocated. The plan is made in this process
+RSS before the model was built, with each TrainConfig.heap_release: "off" (the default: glibc keeps freed
+blocks resident), "steps" (freed pages handed back at micro-batch and step boundaries) and "layers" (also
+every 4 decoder layers); on a GPU torch.cuda.max_memory_allocated. The plan is made in this process
 from the same settings (sl.plan with the model's config and the data's shape, nothing loaded).
 """
 
@@ -117,7 +117,7 @@ def main() -> None:
         print(json.dumps({"peak": peak, "step_seconds": seconds}))
         return
     on_gpu = torch.cuda.is_available()
-    modes = ["off"] if on_gpu else ["off", "layers"]  # heap_release acts on the CPU only
+    modes = ["off"] if on_gpu else ["off", "steps", "layers"]  # heap_release acts on the CPU only
     print(f"{'GPU (max_memory_allocated)' if on_gpu else 'CPU (peak RSS growth)'}; torch {torch.__version__}; "
           f"{STEPS} optimizer steps per setting")
     print("| setting | predicted GB | " + " | ".join(f"measured GB, heap_release {m} | error | s/step" for m in modes)

@@ -215,10 +215,10 @@ class Plan:
     def cpu_rss_note(self) -> str:
         """How peak RSS compares with the plan on a CPU, as benchmarks/plan_accuracy.py measured it."""
         if self.heap_release == "layers":
-            return ("with heap_release 'layers' peak RSS measured within 11 % of this figure "
+            return ("with heap_release 'layers' peak RSS measured within 10 % of this figure "
                     "(benchmarks/RESULTS.md, plan accuracy)")
         return ("the peak counts live tensors (what a GPU allocator reports); on a CPU glibc's heap keeps freed "
-                "blocks resident and peak RSS measured 1.17-1.78x this figure, within 11 % of it with heap_release "
+                "blocks resident and peak RSS measured 1.15-1.69x this figure, within 10 % of it with heap_release "
                 "'layers' (benchmarks/RESULTS.md, plan accuracy)")
 
     @property

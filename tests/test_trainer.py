@@ -280,14 +280,16 @@ def test_heap_release_changes_nothing_but_where_memory_is_returned(demo_dir, tmp
     for mode in ("off", "steps", "layers"):
         calls.clear()
         model, dataset, tok = build(str(demo_dir), dropout=0.0)
-        config = quick_config(tmp_path / mode, max_steps=2, heap_release=mode, heap_release_every=1)
+        config = quick_config(tmp_path / mode, max_steps=2, heap_release=mode, heap_release_every=1,
+                              gradient_checkpointing=True)  # the layer policy: recomputation calls layers too
         Trainer(model, dataset, config, pad_id=tok.pad_id).train()
         losses[mode] = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").open()]
         counts[mode] = len(calls)
         layers = len(model.model.layers)
         assert all(not layer._forward_pre_hooks for layer in model.model.layers)  # removed after training
-    # Per step: 2 micro-batches x (before forward + before backward) + after the optimizer step.
-    assert counts == {"off": 0, "steps": 2 * 5, "layers": 2 * 5 + 2 * 2 * layers}
+    # Per step: 2 micro-batches x (before forward + before backward) + after the optimizer step; with
+    # "layers" also every layer call: 2 steps x 2 micro-batches x (forward + recomputation) x layers.
+    assert counts == {"off": 0, "steps": 2 * 5, "layers": 2 * 5 + 2 * 2 * 2 * layers}
     assert losses["off"] == losses["steps"] == losses["layers"]
     with pytest.raises(ConfigError, match="heap_release"):
         TrainConfig(heap_release="sometimes")
