@@ -27,7 +27,7 @@ import torch
 from step_speed import SHAPES, examples
 
 import stratos_lite as sl
-from stratos_lite.distributed import leave_distributed, load_sharded, local
+from stratos_lite.distributed import exit_distributed, load_sharded, local
 from stratos_lite.plan import DataShape
 from stratos_lite.run import default_device
 
@@ -61,7 +61,7 @@ def worker(folder: str, out_dir: str, strategy: str, seq: int, steps: int) -> No
         lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
         report["step_seconds"] = statistics.median(json.loads(line)["step_seconds"] for line in lines[1:])
     (Path(out_dir) / f"rank{trainer.rank}.json").write_text(json.dumps(report))
-    leave_distributed()
+    exit_distributed()
 
 
 def write_model(folder: Path) -> None:

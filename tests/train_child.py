@@ -10,7 +10,7 @@ import time
 import torch
 
 import stratos_lite as sl
-from stratos_lite.distributed import leave_distributed
+from stratos_lite.distributed import exit_distributed
 from stratos_lite.trainer import TrainConfig, Trainer
 
 
@@ -68,7 +68,7 @@ def main() -> None:
                          save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False,
                          mode=args.mode, strategy=args.strategy, cpu_offload=args.cpu_offload)
     Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
-    leave_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

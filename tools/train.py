@@ -16,7 +16,7 @@ from pathlib import Path
 import stratos_lite as sl
 from stratos_lite.cli import run
 from stratos_lite.demo_run import DemoConfig, run_demo
-from stratos_lite.distributed import leave_distributed
+from stratos_lite.distributed import exit_distributed
 from stratos_lite.plan import DataShape, check_fits, probe
 from stratos_lite.run import read_training_data, train_from_config
 
@@ -54,8 +54,8 @@ def main() -> None:
             return
         check_fits(the_plan)
     result = train_from_config(config, train=train)
-    leave_distributed()
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
+    exit_distributed()
 
 
 if __name__ == "__main__":
