@@ -35,7 +35,7 @@ from .data import IGNORE_INDEX, ScoredDataset
 from .dora import apply_dora, dora_layers
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .run import default_device, read_training_data, train_from_config
-from .trainer import TrainConfig, compute_dtype, optimizer_steps
+from .trainer import TrainConfig, attention_kernel, compute_dtype, optimizer_steps
 from .weights import parse_size
 
 GB = 1e9
@@ -326,13 +326,14 @@ class _Simulator:
     def __init__(self, model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype):
         self.mode = FakeTensorMode()
         self.dtype = dtype
+        self.attention_kernel = config.attention_kernel  # the math kernel's probabilities count as activations
         with self.faking():
             self.model = _fake_model(model_config, config, dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     @contextmanager
     def faking(self):
-        with self.mode, warnings.catch_warnings():
+        with self.mode, attention_kernel(self.attention_kernel), warnings.catch_warnings():
             # DoRA's norm cache keys on data pointers; fake tensors have none (and warn), which is harmless here.
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             yield

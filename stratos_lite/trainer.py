@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointWarning, checkpoint_damage, checkpoints, load_checkpoint, save_checkpoint
@@ -87,6 +88,11 @@ class TrainConfig:
     dtype: str = "bfloat16"  # or "float32", or "auto": bf16 where the device computes it natively
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
+    # "sdpa": PyTorch picks the attention kernel (flash where it can). "math": matmul, softmax, matmul, which
+    # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them) but
+    # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.81x at 160, 1.28x at 192,
+    # 3.8x at 1024 (benchmarks/attention_speed.py). Measure before choosing it.
+    attention_kernel: str = "sdpa"
     seed: int = 0
     # Several ranks (torchrun): "ddp" keeps a whole replica per rank; "fsdp" shards parameters, gradients and
     # optimizer state across ranks (FSDP2), optionally keeping parameters in CPU memory between uses.
@@ -205,6 +211,7 @@ _RANGES = {
     "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
     "dtype": _one_of("bfloat16", "float32", "auto"),
     "checkpoint_policy": _one_of("layer", "mlp"),
+    "attention_kernel": _one_of("sdpa", "math"),
     "strategy": _one_of("ddp", "fsdp"),
     "heap_release": _one_of("off", "steps", "layers"),
     "heap_release_every": _at_least(1),
@@ -250,6 +257,12 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if bf16_is_native(device) else torch.float32
     return getattr(torch, setting)
+
+
+def attention_kernel(setting: str):
+    """The context a training forward and backward run under for TrainConfig.attention_kernel. The backward
+    runs under it too: gradient checkpointing recomputes forwards there."""
+    return sdpa_kernel(SDPBackend.MATH) if setting == "math" else nullcontext()
 
 
 def optimizer_steps(config: TrainConfig, examples: int, world_size: int = 1) -> int:
@@ -428,13 +441,16 @@ class Trainer:
             tokens += int(mb["lengths"].sum())  # counted on the CPU: no device sync per micro-batch
             mb = {k: mb[k].to(self.device) for k in ("input_ids", "labels", "weight")}
             self._release_heap()
-            with self._gradient_sync(model, last=index == len(micro_batches) - 1), self._autocast():
-                per_example = example_losses(model, mb)
-                loss = (per_example * mb["weight"]).sum() / denominator
-            if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
-                loss.register_hook(lambda grad: release_free_memory())
-            # DDP and FSDP average gradients over ranks; scaling by world size turns that into the global sum.
-            (loss * self.world_size).backward()
+            with (self._gradient_sync(model, last=index == len(micro_batches) - 1),
+                  attention_kernel(config.attention_kernel)):
+                with self._autocast():
+                    per_example = example_losses(model, mb)
+                    loss = (per_example * mb["weight"]).sum() / denominator
+                if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
+                    loss.register_hook(lambda grad: release_free_memory())
+                # DDP and FSDP average gradients over ranks; scaling by world size turns that into the global
+                # sum.
+                (loss * self.world_size).backward()
             loss_total += loss.detach()
         if self.world_size > 1:
             dist.all_reduce(loss_total)

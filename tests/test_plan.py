@@ -13,6 +13,7 @@ from train_child import save_base
 
 import stratos_lite as sl
 from stratos_lite.plan import DataShape, _LiveBytes, _simulate_micro_batch, _Simulator, count_parameters
+from stratos_lite.trainer import attention_kernel
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 TINY = sl.Qwen3Config.from_dict(tiny_config())
@@ -24,7 +25,9 @@ SETTINGS = [
     dict(mode="dora", dtype="float32", gradient_checkpointing=False),
     dict(mode="full", dtype="float32", checkpoint_policy="layer"),
     dict(mode="full", dtype="bfloat16", gradient_checkpointing=False),
+    dict(mode="full", dtype="float32", checkpoint_policy="layer", attention_kernel="math"),
 ]
+ONE_STEP_SETTINGS = SETTINGS[:4] + SETTINGS[5:]
 
 
 def real_model(config: sl.TrainConfig) -> sl.Qwen3ForCausalLM:
@@ -44,7 +47,8 @@ def test_simulated_micro_batch_holds_the_bytes_a_real_one_does(settings):
     config = sl.TrainConfig(rank=4, alpha=8, **settings)
     dtype = sl.compute_dtype(config.dtype, torch.device("cpu"))
     fake = _Simulator(TINY, config, dtype).micro_batch(3, 40, 25, with_grads=False)
-    real = _simulate_micro_batch(real_model(config), 3, 40, 25, dtype)
+    with attention_kernel(config.attention_kernel):  # as the Trainer runs a micro-batch
+        real = _simulate_micro_batch(real_model(config), 3, 40, 25, dtype)
     assert fake == real
     assert 0 < fake.saved < fake.peak and fake.logits > 0
 
@@ -60,7 +64,7 @@ def synthetic_examples(count: int, seq: int, completion: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("settings", SETTINGS[:4], ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("settings", ONE_STEP_SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     """Two real optimizer steps with accumulation, every tensor the Trainer creates counted as it lives:
     the peak is the plan's (weights, adapters, gradients, AdamW state, activations) within 1 %: what the
@@ -148,3 +152,14 @@ def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     one = sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32"), model_config=deep, data=data, memory="8MB")
     assert plans["ddp"].peak == one.peak + one.gradients
     assert plans["fsdp"].peak < plans["ddp"].peak
+
+
+def test_math_attention_kernel_counts_its_probabilities():
+    """The math kernel keeps each layer's (batch x heads x length x length) softmax for the backward; the
+    plan counts it (the sdpa kernel keeps a row statistic instead)."""
+    batch, seq = 3, 40
+    saved = {kernel: _Simulator(TINY, sl.TrainConfig(mode="full", dtype="float32", gradient_checkpointing=False,
+                                                     attention_kernel=kernel), torch.float32)
+             .micro_batch(batch, seq, 25, with_grads=False).saved for kernel in ("sdpa", "math")}
+    probabilities = TINY.num_hidden_layers * batch * TINY.num_attention_heads * seq * seq * 4
+    assert saved["math"] - saved["sdpa"] >= probabilities

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_child import build, save_base
 
 import stratos_lite as sl
@@ -293,6 +294,35 @@ def test_heap_release_changes_nothing_but_where_memory_is_returned(demo_dir, tmp
     assert losses["off"] == losses["steps"] == losses["layers"]
     with pytest.raises(ConfigError, match="heap_release"):
         TrainConfig(heap_release="sometimes")
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the ATen ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_math_attention_kernel_trains_as_sdpa_and_never_calls_flash(demo_dir, tmp_path):
+    """With gradient checkpointing on, so that recomputation in the backward is held to the setting too."""
+    losses, ops = {}, {}
+    for kernel in ("sdpa", "math"):
+        model, dataset, tok = build(str(demo_dir), dropout=0.0)
+        config = quick_config(tmp_path / kernel, max_steps=2, attention_kernel=kernel, gradient_checkpointing=True)
+        with OpNames() as recorder:
+            Trainer(model, dataset, config, pad_id=tok.pad_id).train()
+        losses[kernel] = [json.loads(line)["loss"] for line in (tmp_path / kernel / "metrics.jsonl").open()]
+        ops[kernel] = {name for name in recorder.names if "flash" in name}
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward.default" in ops["sdpa"]
+    assert ops["math"] == set()
+    assert losses["math"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    with pytest.raises(ConfigError, match="attention_kernel"):
+        TrainConfig(attention_kernel="flash")
 
 
 def test_released_every_counts_calls_across_layers(monkeypatch):
