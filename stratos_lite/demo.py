@@ -6,11 +6,11 @@ article has a sector, a topic and a country. Ground truth, the rule a small mode
     reader's field is the article's sector +4.5, topic among the reader's interests +3, same country +2.5
 
 so most pairs score 0 (noise) and few reach 8+ (critical), like the report's data. The reasoning copies one
-value of the article and then gives its verdict (`Article sector energy matches.`); the profile writes
-its values in its own form (field and interests capitalised, country as a code), so a verdict is one
-attention lookup from the value just written into the profile: learnable by a small model in minutes on
-a CPU. Every article is scored for several profiles; train and eval articles are disjoint.
-Deterministic from a seed.
+value of the article and then gives its verdict (`Article sector energy matches.`), three times, and ends
+with the rule's total, written as the answer writes a score (`Total 7.5.`); the profile writes its values
+in its own form (field and interests capitalised, country as a code), so a verdict is one attention lookup
+from the value just written into the profile: learnable by a small model in minutes on a CPU. Every
+article is scored for several profiles; train and eval articles are disjoint. Deterministic from a seed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tokenizer import Tokenizer, train_chatml_tokenizer
+from .tokenizer import Tokenizer, render_prompt, train_chatml_tokenizer
 
 COUNTRY_CODES = {
     "Kuwait": "KW", "Qatar": "QA", "UAE": "AE", "Saudi Arabia": "SA", "Bahrain": "BH", "Austria": "AT",
@@ -145,7 +145,8 @@ def relevance(profile: Profile, article: Article) -> tuple[float, str]:
     score = 4.5 * field_match + 3.0 * topic_match + 2.5 * same_country
     reasoning = (f"Article sector {article.field} {'matches' if field_match else 'differs'}. "
                  f"Article topic {article.topic} {'listed' if topic_match else 'unlisted'}. "
-                 f"Article country {article.country} {'same' if same_country else 'elsewhere'}.")
+                 f"Article country {article.country} {'same' if same_country else 'elsewhere'}. "
+                 f"Total {json.dumps(round(score, 2))}.")
     return score, reasoning
 
 
@@ -158,10 +159,10 @@ def scored_record(profile: Profile, article: Article) -> dict:
 
 def profile_blind(records: list[dict]) -> list[dict]:
     """The same examples scored the way the report's V1 scored: one score per article whoever reads it
-    (the mean over its readers, to the half point). The reasoning stays the true one, so the base model
-    learns to read the profile, but not to let it move the score: that is what the demo's adapters add.
-    (A tiny model trained from scratch knows nothing it was not trained on; Qwen3 arrives knowing how to
-    read.)"""
+    (the mean over its readers, to the half point). The reasoning stays the true one, total included, so
+    the base model learns to read the profile and to write every score the rule can reach, but answers
+    without regard to what its reasoning found: the fault the demo's adapters fix. (A tiny model trained
+    from scratch knows nothing it was not trained on; Qwen3 arrives knowing how to read and count.)"""
     by_article: dict[str, list[float]] = {}
     for r in records:
         by_article.setdefault(r["article_id"], []).append(r["score"])
@@ -198,13 +199,13 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 
 
 def tokenizer_corpus(records: list[dict]) -> list[str]:
-    from .data import SYSTEM_PROMPT, scoring_completion, scoring_messages
+    """Each record as the model reads it in training (prompt and completion, ChatML scaffolding included),
+    so that the BPE merges fit the text it will encode: role names and the system prompt become a few
+    tokens each instead of letters."""
+    from .data import scoring_completion, scoring_messages
 
-    texts = [SYSTEM_PROMPT] + [p.text() for p in PROFILES]
-    for r in records:
-        texts += [m.content for m in scoring_messages(r["profile"], r["title"], r["article"])[1:]]
-        texts.append(scoring_completion(r["score"], r["reasoning"]))
-    return texts
+    return [render_prompt(scoring_messages(r["profile"], r["title"], r["article"]))
+            + scoring_completion(r["score"], r["reasoning"]) for r in records]
 
 
 def make_demo_data(out_dir: str | Path, train_articles: int = 600, eval_articles: int = 60,

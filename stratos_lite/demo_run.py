@@ -39,12 +39,12 @@ class DemoConfig:
     model: dict = field(default_factory=lambda: {
         "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True, "max_position_embeddings": 512})
-    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 3e-3, "max_steps": 1500, "batch_size": 8,
+    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 3e-3, "max_steps": 1300, "batch_size": 8,
                                                 "grad_accum": 1, "band_sampling": False, "max_len": 384,
-                                                "save_every": 500})
+                                                "save_every": 500, "attention_kernel": "math"})
     dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-3,
-                                                "max_steps": 250, "batch_size": 8, "grad_accum": 2,
-                                                "max_len": 384, "save_every": 100})
+                                                "max_steps": 150, "batch_size": 8, "grad_accum": 2,
+                                                "max_len": 384, "save_every": 50, "attention_kernel": "math"})
     eval: dict = field(default_factory=lambda: {"batch_size": 64, "max_new_tokens": 96, "spread_articles": 5})
 
     @classmethod

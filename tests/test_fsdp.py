@@ -60,7 +60,10 @@ def final_tensors(out_dir, mode: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_close(expected: dict, actual: dict, rtol: float = 1e-5) -> None:
+def assert_close(expected: dict, actual: dict, rtol: float = 1e-4) -> None:
+    """Each tensor within rtol of its largest value. Not bitwise: two ranks sum gradients in another order,
+    and AdamW's division by sqrt(v) magnifies that fp32 rounding where a gradient is near zero (measured up
+    to 1.1e-5 after 5 steps on the demo's data); a wrong shard or a missed reduction is off by far more."""
     assert expected.keys() == actual.keys()
     for name in expected:
         scale = expected[name].abs().max().clamp_min(1e-12)
