@@ -5,8 +5,8 @@ or the math kernel (matmul, softmax, matmul), for TrainConfig.attention_kernel.
 
 Part 1: one attention call, forward + backward, at the demo's head shape (batch 8, 4 query heads over 2
 key/value heads, head_dim 64, causal) over a sweep of sequence lengths, in bf16 and fp32.
-Part 2: the demo's base phase (configs/demo.toml) through the Trainer with each setting: the median step
-time over all rounds, the first step of each run left out.
+Part 2: the demo's base phase (configs/demo.toml) through the Trainer with each setting, in dtype "auto"
+(bf16 where native) and float32: the median step time over all rounds, the first step of each run left out.
 """
 
 from __future__ import annotations
@@ -52,17 +52,17 @@ def main() -> None:
             cells.append(f"{length}: {sdpa:.1f}/{math:.1f} ({math / sdpa:.2f}x)")
         print(f"  {str(dtype).removeprefix('torch.'):>8}  " + ", ".join(cells))
     demo, tokenizer, data = demo_base_phase()
-    times: dict[str, list[float]] = {name: [] for name in KERNELS}
-    for _ in range(args.rounds):
+    for dtype in ("auto", "float32"):
+        times: dict[str, list[float]] = {name: [] for name in KERNELS}
+        for _ in range(args.rounds):
+            for name in KERNELS:
+                demo.base = {**demo.base, "attention_kernel": name, "dtype": dtype}
+                times[name] += step_seconds(demo, tokenizer, data, "off", args.steps)
+        sdpa = statistics.median(times["sdpa"])
+        print(f"demo base phase, dtype {dtype}, {args.steps} steps x {args.rounds} rounds:")
         for name in KERNELS:
-            demo.base = {**demo.base, "attention_kernel": name}
-            times[name] += step_seconds(demo, tokenizer, data, "off", args.steps)
-    sdpa = statistics.median(times["sdpa"])
-    print(f"demo base phase (dtype auto), {args.steps} steps x {args.rounds} rounds:")
-    for name in KERNELS:
-        median = statistics.median(times[name])
-        print(f"  attention_kernel {name:>4}: {median:.4f} s/step ({median / sdpa:.2f}x sdpa)")
-
+            median = statistics.median(times[name])
+            print(f"  attention_kernel {name:>4}: {median:.4f} s/step ({median / sdpa:.2f}x sdpa)")
 
 if __name__ == "__main__":
     main()

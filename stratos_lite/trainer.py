@@ -90,8 +90,8 @@ class TrainConfig:
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
     # "sdpa": PyTorch picks the attention kernel (flash where it can). "math": matmul, softmax, matmul, which
     # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them) but
-    # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.81x at 160, 1.28x at 192,
-    # 3.8x at 1024 (benchmarks/attention_speed.py). Measure before choosing it.
+    # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.7-0.8x the time at 160, 1.0-1.3x
+    # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
     attention_kernel: str = "sdpa"
     seed: int = 0
     # Several ranks (torchrun): "ddp" keeps a whole replica per rank; "fsdp" shards parameters, gradients and
