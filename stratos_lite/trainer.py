@@ -448,8 +448,7 @@ class Trainer:
                     loss = (per_example * mb["weight"]).sum() / denominator
                 if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
                     loss.register_hook(lambda grad: release_free_memory())
-                # DDP and FSDP average gradients over ranks; scaling by world size turns that into the global
-                # sum.
+                # DDP and FSDP average gradients over ranks; scaling by world size makes that the global sum.
                 (loss * self.world_size).backward()
             loss_total += loss.detach()
         if self.world_size > 1:
