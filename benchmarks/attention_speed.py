@@ -64,5 +64,6 @@ def main() -> None:
             median = statistics.median(times[name])
             print(f"  attention_kernel {name:>4}: {median:.4f} s/step ({median / sdpa:.2f}x sdpa)")
 
+
 if __name__ == "__main__":
     main()

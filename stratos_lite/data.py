@@ -67,9 +67,14 @@ def scoring_messages(profile: str, title: str, article: str) -> list[Message]:
     return [Message("system", SYSTEM_PROMPT), Message("user", user)]
 
 
+def score_text(score: float) -> str:
+    """A score as the answer writes it: a JSON number, to two decimals at most (7.5, 0.0, 10.0)."""
+    return json.dumps(round(float(score), 2))
+
+
 def scoring_completion(score: float, reasoning: str) -> str:
     """The assistant's answer: a think block with the reasoning, then the score as JSON."""
-    return render_completion(json.dumps({"score": round(float(score), 2)}), reasoning=reasoning)
+    return render_completion(f'{{"score": {score_text(score)}}}', reasoning=reasoning)
 
 
 class DataError(ValueError):

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import score_text, scoring_completion, scoring_messages
 from .tokenizer import Tokenizer, render_prompt, train_chatml_tokenizer
 
 COUNTRY_CODES = {
@@ -146,7 +147,7 @@ def relevance(profile: Profile, article: Article) -> tuple[float, str]:
     reasoning = (f"Article sector {article.field} {'matches' if field_match else 'differs'}. "
                  f"Article topic {article.topic} {'listed' if topic_match else 'unlisted'}. "
                  f"Article country {article.country} {'same' if same_country else 'elsewhere'}. "
-                 f"Total {json.dumps(round(score, 2))}.")
+                 f"Total {score_text(score)}.")
     return score, reasoning
 
 
@@ -202,8 +203,6 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
     """Each record as the model reads it in training (prompt and completion, ChatML scaffolding included),
     so that the BPE merges fit the text it will encode: role names and the system prompt become a few
     tokens each instead of letters."""
-    from .data import scoring_completion, scoring_messages
-
     return [render_prompt(scoring_messages(r["profile"], r["title"], r["article"]))
             + scoring_completion(r["score"], r["reasoning"]) for r in records]
 

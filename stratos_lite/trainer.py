@@ -443,7 +443,7 @@ class Trainer:
             self._release_heap()
             with (self._gradient_sync(model, last=index == len(micro_batches) - 1),
                   attention_kernel(config.attention_kernel)):
-                with self._autocast():
+                with self._autocast():  # the forward only: autocast is not meant to wrap a backward
                     per_example = example_losses(model, mb)
                     loss = (per_example * mb["weight"]).sum() / denominator
                 if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
