@@ -12,9 +12,11 @@ from stratos_lite.data import (
     ScoredDataset,
     band_index,
     collate,
+    score_text,
     scoring_messages,
 )
 from stratos_lite.demo import PROFILES, make_demo_data, make_records, relevance
+from stratos_lite.tokenizer import Tokenizer
 
 RECORD = {"profile_id": "geo", "profile": "Senior geophysicist, KOC Kuwait. Field: energy.", "article_id": "a1",
           "title": "Kuwait oil output rises", "article": "Sector: energy. Country: Kuwait. Oil output rose.",
@@ -159,11 +161,17 @@ def test_demo_rule_and_data_are_deterministic(tmp_path):
     oil_kuwait = Article("x", "energy", "oil", "Kuwait", "t", "x")
     assert relevance(geo, oil_kuwait)[0] == 10.0
     assert relevance(geo, Article("y", "gaming", "indie games", "Germany", "t", "x"))[0] == 0.0
+    # The reasoning ends with the rule's total, written as the answer writes the score (the base phase's
+    # profile-blind answers alone would never teach the higher scores).
+    assert relevance(geo, oil_kuwait)[1].endswith(" same. Total 10.0.")
+    assert all(r["reasoning"].endswith(f"Total {score_text(r['score'])}.") for r in records)
     paths = make_demo_data(tmp_path, train_articles=20, eval_articles=4)
     train_ids = {json.loads(line)["article_id"] for line in paths["train"].read_text().splitlines()}
     eval_ids = {json.loads(line)["article_id"] for line in paths["eval"].read_text().splitlines()}
     assert train_ids and eval_ids and not train_ids & eval_ids
-    assert (paths["tokenizer"] / "tokenizer.json").is_file()
+    # Trained on the chats as the model reads them: the role names are whole tokens.
+    demo_tokenizer = Tokenizer.from_pretrained(paths["tokenizer"])
+    assert len(demo_tokenizer.encode("<|im_start|>assistant\n")) == 3
 
 
 def test_contrastive_boost_raises_group_examples_within_their_band(tmp_path, tokenizer):
