@@ -5,7 +5,7 @@ or the math kernel (matmul, softmax, matmul), for TrainConfig.attention_kernel.
 
 Part 1: one attention call, forward + backward, at the demo's head shape (batch 8, 4 query heads over 2
 key/value heads, head_dim 64, causal) over a sweep of sequence lengths, in bf16 and fp32.
-Part 2: the demo's base phase (configs/demo.toml) through the Trainer with each setting, in dtype "auto"
+Part 2: the demo's base phase (stratos_lite/demo.toml) through the Trainer with each setting, in dtype "auto"
 (bf16 where native) and float32: the median step time over all rounds, the first step of each run left out.
 """
 

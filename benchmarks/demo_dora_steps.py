@@ -4,7 +4,7 @@ given number of steps, then the held-out evaluation.
     python tools/train.py                                     # a full demo run first (runs/demo)
     python benchmarks/demo_dora_steps.py --steps 150 --grad-accum 1
 
-Everything else is the demo's DoRA phase (configs/demo.toml); the base is runs/demo/base_model.
+Everything else is the demo's DoRA phase (stratos_lite/demo.toml); the base is runs/demo/base_model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     demo, out = Path(args.demo), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    config = DemoConfig.from_toml(ROOT / "configs" / "demo.toml")
+    config = DemoConfig.from_toml()
     config.out_dir = str(out)
     config.dora = {**config.dora, "max_steps": args.steps, "grad_accum": args.grad_accum, "save_every": 10**6,
                    "progress": False}

@@ -3,7 +3,7 @@ this machine: whether bf16 pays here, and what "auto" chooses.
 
     python benchmarks/dtype_speed.py [--steps 4]
 
-The demo's model (configs/demo.toml) and data, batch 8, full fine-tuning, no gradient checkpointing; the
+The demo's model (stratos_lite/demo.toml) and data, batch 8, full fine-tuning, no gradient checkpointing; the
 median over `--steps` optimizer steps after two warm-up steps, each dtype in the same process.
 """
 
@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-from pathlib import Path
 
 import torch
 from timing import median_seconds
 
 import stratos_lite as sl
+from stratos_lite.config import bf16_is_native
 from stratos_lite.data import collate
 from stratos_lite.demo import make_demo_data
 from stratos_lite.demo_run import DemoConfig
-from stratos_lite.trainer import bf16_is_native, example_losses
-
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+from stratos_lite.trainer import example_losses
 
 
 def step_seconds(dtype: torch.dtype, batch: dict, model_config: dict, vocab: int, repeats: int) -> float:
@@ -42,8 +40,8 @@ def step_seconds(dtype: torch.dtype, batch: dict, model_config: dict, vocab: int
 
 
 def demo_base_phase() -> tuple[DemoConfig, sl.Tokenizer, sl.ScoredDataset]:
-    """The demo's configuration (configs/demo.toml), tokenizer and base-phase data, generated as the demo does."""
-    demo = DemoConfig.from_toml(CONFIG)
+    """The demo's configuration (stratos_lite/demo.toml), tokenizer and base-phase data, generated as the demo does."""
+    demo = DemoConfig.from_toml()
     with tempfile.TemporaryDirectory() as folder:
         paths = make_demo_data(folder, seed=demo.seed, **demo.data)
         tokenizer = sl.Tokenizer.from_pretrained(paths["tokenizer"])

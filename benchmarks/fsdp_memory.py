@@ -27,9 +27,9 @@ import torch
 from step_speed import SHAPES, examples
 
 import stratos_lite as sl
+from stratos_lite.config import default_device
 from stratos_lite.distributed import exit_distributed, load_sharded, local
 from stratos_lite.plan import DataShape
-from stratos_lite.run import default_device
 
 STRATEGIES = ("one process", "ddp", "fsdp")
 
@@ -56,11 +56,12 @@ def worker(folder: str, out_dir: str, strategy: str, seq: int, steps: int) -> No
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-    report = {"rank": trainer.rank, "peak": peak, "parameters": parameters}
-    if trainer.rank == 0:
+    rank = trainer.strategy.rank
+    report = {"rank": rank, "peak": peak, "parameters": parameters}
+    if rank == 0:
         lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
         report["step_seconds"] = statistics.median(json.loads(line)["step_seconds"] for line in lines[1:])
-    (Path(out_dir) / f"rank{trainer.rank}.json").write_text(json.dumps(report))
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     exit_distributed()
 
 

@@ -1,4 +1,4 @@
-"""What TrainConfig.heap_release costs on short steps: the demo's base phase (configs/demo.toml: its small
+"""What TrainConfig.heap_release costs on short steps: the demo's base phase (stratos_lite/demo.toml: its small
 Qwen3, its data, full fine-tuning, batch 8, dtype "auto") through the Trainer with heap_release "off",
 "steps" and "layers".
 

@@ -1,5 +1,6 @@
 """stratos_lite: fine-tune Qwen3 with DoRA in plain PyTorch and ship it as GGUF."""
 
+from .config import ConfigError, TrainConfig, compute_dtype
 from .data import DEFAULT_BANDS, Band, DataError, DatasetReport, ScoredDataset, collate
 from .dora import (
     AdapterSummary,
@@ -10,13 +11,15 @@ from .dora import (
     merge_dora,
     save_adapter,
 )
+from .files import CheckpointError
 from .generate import generate
 from .gguf_export import ExportError, export_gguf, export_gguf_from_folder
-from .model import CheckpointError, KVCache, Qwen3Config, Qwen3ForCausalLM
+from .guard import NonFiniteError
+from .model import KVCache, Qwen3Config, Qwen3ForCausalLM
 from .plan import Plan, PlanError, plan
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
-from .trainer import NonFiniteError, TrainConfig, Trainer, TrainResult, compute_dtype
+from .trainer import Trainer, TrainResult
 from .weights import load_model, load_pretrained, save_pretrained
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "Band",
     "BandSampler",
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "DatasetReport",
     "DoRALinear",

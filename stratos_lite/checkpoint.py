@@ -17,16 +17,15 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .distributed import restore_state
-from .dora import dora_layers, save_adapter
-from .files import load_safetensors, read_json
-from .model import CheckpointError
+from .dora import has_dora, save_adapter
+from .files import CheckpointError, load_safetensors, read_json
 
 PATTERN = re.compile(r"checkpoint-(\d{6})")
 MANIFEST = "manifest.json"
@@ -67,7 +66,7 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict, state: dict, keep: int, base_model_name_or_path: str = "") -> Path:
     """Write checkpoint-{step} atomically, then keep only the newest `keep` checkpoints. `trainable` and
-    `optimizer_state` are whole (distributed.whole_state), so the checkpoint does not depend on how many
+    `optimizer_state` are whole (the strategy's whole_state), so the checkpoint does not depend on how many
     ranks wrote it; `model` names the DoRA layers for the adapter."""
     out = Path(out_dir)
     final = out / f"checkpoint-{step:06d}"
@@ -81,7 +80,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable:
     save_file(rng_tensors, str(staging / "rng.safetensors"))
     (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
                                                    indent=1))
-    if any(True for _ in dora_layers(model)):
+    if has_dora(model):
         save_adapter(model, staging / "adapter", base_model_name_or_path, values=trainable)
     (staging / MANIFEST).write_text(json.dumps(_describe_files(staging), indent=1))
     _fsync_tree(staging)
@@ -136,9 +135,34 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable tensors, optimizer and RNG states (sharding them when the model is sharded: then
-    every rank calls this); returns state.json's contents."""
+def newest_intact_checkpoint(out_dir: str | Path, passed_over=lambda folder, reason: None) -> Path | None:
+    """The newest checkpoint whose files match their manifest, or None when there is none. Each damaged newer
+    one is handed to `passed_over(folder, reason)` and left on disk. Raises when checkpoints exist but none
+    is intact: starting afresh would discard them."""
+    damaged = []
+    for folder in reversed(checkpoints(out_dir)):
+        reason = checkpoint_damage(folder)
+        if reason is None:
+            return folder
+        passed_over(folder, reason)
+        damaged.append(f"{folder.name}: {reason}")
+    if damaged:
+        raise CheckpointError(f"{out_dir}: no intact checkpoint to resume from ({'; '.join(damaged)}). "
+                              "Nothing was deleted: restore them, or move them aside to start afresh.")
+    return None
+
+
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint as read from disk: whole tensors, to be restored by whatever holds the model."""
+    trainable: dict[str, torch.Tensor]
+    optimizer_state: dict  # torch's index-keyed state_dict
+    state: dict  # state.json: step, config, scheduler, sampler position, metrics, ...
+    rng: dict
+
+
+def read_checkpoint(folder: str | Path, model: nn.Module) -> SavedCheckpoint:
+    """A checkpoint's contents, its trainable tensors checked by name and shape against `model`'s."""
     folder = Path(folder)
     state = read_json(folder / "state.json")
     trainable = _read_trainable(folder / "trainable.safetensors", model)
@@ -148,15 +172,20 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     for key, value in [*tensors.items(), *optimizer_json["scalars"].items()]:
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
-    restore_state(model, optimizer, trainable, {"state": per_param, "param_groups": optimizer_json["param_groups"]})
-    rng = load_safetensors(folder / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
+    optimizer_state = {"state": per_param, "param_groups": optimizer_json["param_groups"]}
+    rng = {"tensors": load_safetensors(folder / "rng.safetensors"), **state.pop("rng")}
+    return SavedCheckpoint(trainable, optimizer_state, state, rng)
+
+
+def restore_rng(rng: dict) -> None:
+    """Put back the random number generators' states a checkpoint saved, so dropout continues exactly."""
+    tensors = rng["tensors"]
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = state.pop("rng")["python"]
+    version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
-    return state
 
 
 def _read_trainable(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .config import ConfigError
 from .data import DataError
 from .engines import EngineError
-from .files import FileFormatError
+from .files import CheckpointError, FileFormatError
 from .gguf_export import ExportError
-from .model import CheckpointError
+from .guard import NonFiniteError
 from .plan import PlanError
-from .trainer import ConfigError, NonFiniteError
 
 INPUT_ERRORS = (ConfigError, FileFormatError, DataError, CheckpointError, ExportError, EngineError, NonFiniteError,
                 PlanError, FileNotFoundError)

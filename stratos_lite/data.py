@@ -18,11 +18,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .tokenizer import Message, Tokenizer, render_completion
+
+if TYPE_CHECKING:  # for the annotation only: the settings module does not depend on the data
+    from .config import TrainConfig
 
 IGNORE_INDEX = -100
 
@@ -336,3 +340,8 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     weights = torch.tensor([float(item["weight"]) for item in items], dtype=torch.float32)
     lengths = torch.tensor([len(item["input_ids"]) for item in items], dtype=torch.long)
     return {"input_ids": ids, "labels": labels, "weight": weights, "lengths": lengths}
+
+
+def read_training_data(config: TrainConfig) -> ScoredDataset:
+    """config.train_data, tokenized with the tokenizer of the model folder config.model (no weights read)."""
+    return ScoredDataset.from_jsonl(config.train_data, Tokenizer.from_pretrained(config.model), max_len=config.max_len)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig, compute_dtype
 from .data import SYSTEM_PROMPT, ScoredDataset
 from .demo import make_demo_data
 from .dora import adapters_disabled, apply_dora, merge_dora
@@ -26,29 +27,32 @@ from .files import read_toml
 from .gguf_export import export_gguf
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, Trainer, compute_dtype
+from .trainer import Trainer
 from .weights import save_pretrained
+
+DEMO_TOML = Path(__file__).with_name("demo.toml")  # the demo's settings: the one place its numbers live
+
+
+def _demo_toml(key: str):
+    """One of demo.toml's settings or sections, read afresh (a section is a dict the caller may change)."""
+    return read_toml(DEMO_TOML)[key]
 
 
 @dataclass
 class DemoConfig:
-    out_dir: str = "runs/demo"
-    seed: int = 0
-    data: dict = field(default_factory=lambda: {"train_articles": 600, "eval_articles": 60,
-                                                "profiles_per_article": 5, "vocab_size": 2048})
-    model: dict = field(default_factory=lambda: {
-        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True, "max_position_embeddings": 512})
-    base: dict = field(default_factory=lambda: {"mode": "full", "lr": 3e-3, "max_steps": 1300, "batch_size": 8,
-                                                "grad_accum": 1, "band_sampling": False, "max_len": 384,
-                                                "save_every": 500, "attention_kernel": "math"})
-    dora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 32, "dropout": 0.05, "lr": 5e-3,
-                                                "max_steps": 150, "batch_size": 8, "grad_accum": 2,
-                                                "max_len": 384, "save_every": 50, "attention_kernel": "math"})
-    eval: dict = field(default_factory=lambda: {"batch_size": 64, "max_new_tokens": 96, "spread_articles": 5})
+    """The demo's settings; every default is stratos_lite/demo.toml's, where each number's reason is written."""
+    out_dir: str = field(default_factory=lambda: _demo_toml("out_dir"))
+    seed: int = field(default_factory=lambda: _demo_toml("seed"))
+    data: dict = field(default_factory=lambda: _demo_toml("data"))
+    model: dict = field(default_factory=lambda: _demo_toml("model"))
+    base: dict = field(default_factory=lambda: _demo_toml("base"))
+    dora: dict = field(default_factory=lambda: _demo_toml("dora"))
+    eval: dict = field(default_factory=lambda: _demo_toml("eval"))
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> DemoConfig:
+    def from_toml(cls, path: str | Path = DEMO_TOML) -> DemoConfig:
+        """demo.toml with a user's file over it: a setting given there replaces the default, section by section
+        (a file holding only `seed = 1` changes only the seed)."""
         values = read_toml(path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(values.keys() - known)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,12 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .dora import apply_dora, dora_layers, initial_lora_A, layer_generator, row_norm_sq
+from .config import TrainConfig
+from .dora import apply_dora, dora_layers, initialise_adapter, layer_generator
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .weights import checkpoint_tensors
-
-if TYPE_CHECKING:
-    from .trainer import TrainConfig  # the trainer imports this module
 
 
 def init_distributed() -> tuple[int, int]:
@@ -116,11 +113,7 @@ def load_sharded(folder: str | Path, config: TrainConfig, dtype: torch.dtype, de
     for name, tensor in checkpoint_tensors(folder, model, dtype, by_checkpoint_name):
         copy_whole_into(by_checkpoint_name[name], tensor)
     for name, layer in dora_layers(model) if dora else ():
-        copy_whole_into(layer.lora_A, initial_lora_A(layer.rank, layer.base_layer.in_features,
-                                                     generator=layer_generator(config.seed, name)))
-        with torch.no_grad():
-            local(layer.lora_B).zero_()
-            local(layer.lora_magnitude).copy_(row_norm_sq(local(layer.base_layer.weight)).sqrt())
+        initialise_adapter(layer, layer_generator(config.seed, name), copy_whole=copy_whole_into, local=local)
     return model
 
 
@@ -146,26 +139,20 @@ def trainable_names(model: nn.Module) -> list[str]:
 _WHOLE_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
-def whole_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by name, whole. Sharded: a collective (every rank calls it; rank 0 gets them)."""
-    if is_sharded(model):
-        return get_model_state_dict(model, options=_WHOLE_ON_RANK0)
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's trainable tensors by name, whole on rank 0 (a collective: every rank calls it)."""
+    return get_model_state_dict(model, options=_WHOLE_ON_RANK0)
 
 
-def whole_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter by name, whole (frozen ones too). Sharded: a collective; rank 0 gets them."""
-    if is_sharded(model):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: p.detach() for name, p in model.named_parameters()}
+def gather_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a sharded model by name (frozen ones too), whole on rank 0 (a collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(trainable tensors by name, the optimizer's state_dict in torch's own index-keyed form), whole.
-    Sharded: a collective whose result is on rank 0."""
-    if not is_sharded(model):
-        return whole_trainable(model), optimizer.state_dict()
-    trainable = whole_trainable(model)
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable tensors by name, the optimizer's state_dict in torch's own index-keyed form) of a sharded
+    model, whole on rank 0 (a collective): the same values a one-process run saves."""
+    trainable = gather_trainable(model)
     by_name = get_optimizer_state_dict(model, optimizer, options=_WHOLE_ON_RANK0)
     index = {name: i for i, name in enumerate(trainable_names(model))}
     return trainable, {"state": {index[name]: value for name, value in by_name.get("state", {}).items()},
@@ -174,16 +161,10 @@ def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
 
 
 @torch.no_grad()
-def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
+def scatter_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
                   optimizer_state: dict) -> None:
-    """Put whole trainable tensors and an index-keyed optimizer state into the model and optimizer, sharding
-    them when the model is sharded (every rank calls it with the same whole tensors)."""
-    if not is_sharded(model):
-        params = dict(model.named_parameters())
-        for name, tensor in trainable.items():
-            params[name].copy_(tensor)
-        optimizer.load_state_dict(optimizer_state)
-        return
+    """Put whole trainable tensors and an index-keyed optimizer state into a sharded model and its optimizer,
+    each rank keeping its rows (every rank calls it with the same whole tensors)."""
     set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
     names = trainable_names(model)
     by_name = {"state": {names[i]: value for i, value in optimizer_state["state"].items()},

@@ -23,10 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import open_safetensors, read_json
-from .model import CheckpointError
-from .tokenizer import Tokenizer
-from .weights import load_pretrained
+from .files import CheckpointError, open_safetensors, read_json
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -71,6 +68,21 @@ def initial_lora_A(rank: int, in_features: int, dtype: torch.dtype = torch.float
     return nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
 
 
+def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value)
+
+
+@torch.no_grad()
+def initialise_adapter(layer: DoRALinear, generator: torch.Generator | None,
+                       copy_whole=_copy, local=lambda tensor: tensor) -> None:
+    """DoRA's starting point, as PEFT's: A Kaiming-uniform from `generator`, B zero (so the layer starts as
+    its base), and the magnitude the norm of each row of W. `copy_whole` and `local` let a sharded layer
+    (distributed.load_sharded) take its own rows: the magnitude is computed where each row of W lives."""
+    copy_whole(layer.lora_A, initial_lora_A(layer.rank, layer.base_layer.in_features, layer.lora_A.dtype, generator))
+    local(layer.lora_B).zero_()
+    local(layer.lora_magnitude).copy_(row_norm_sq(local(layer.base_layer.weight)).sqrt())
+
+
 class DoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
@@ -81,10 +93,11 @@ class DoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(initial_lora_A(rank, base_layer.in_features, dtype, generator).to(weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, dtype=dtype, device=weight.device))
+        self.lora_magnitude = nn.Parameter(torch.empty(base_layer.out_features, dtype=dtype, device=weight.device))
         self._cache: dict[str, tuple[tuple, object]] = {}
-        self.lora_magnitude = nn.Parameter(self._base_row_norm_sq().sqrt().to(dtype))
+        initialise_adapter(self, generator)
         self.dropout = float(dropout)
         self.adapter_enabled = True
 
@@ -196,6 +209,10 @@ def dora_layers(model: nn.Module) -> Iterator[tuple[str, DoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, DoRALinear):
             yield name, module
+
+
+def has_dora(model: nn.Module) -> bool:
+    return next(dora_layers(model), None) is not None
 
 
 def _matches(name: str, targets) -> bool:
@@ -325,7 +342,7 @@ def load_adapter(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
     """Load a PEFT DoRA adapter (ours or PEFT's) into `model`, wrapping its linears first if needed."""
     folder = Path(folder)
     config = _read_adapter_config(folder)
-    if not any(True for _ in dora_layers(model)):
+    if not has_dora(model):
         try:
             apply_dora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                        config["target_modules"], dtype)
@@ -349,14 +366,3 @@ def load_adapter(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
     for key, tensor in tensors.items():
         expected[key].copy_(tensor)
     return summarize(model, len(layers))
-
-
-def load_pretrained_with_adapter(path: str | Path, adapter: str | Path | None = None,
-                                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-                                 ) -> tuple[nn.Module, Tokenizer]:
-    """An HF model folder, with a PEFT DoRA adapter on top when one is given (left unmerged)."""
-    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-    if adapter:
-        load_adapter(model, adapter)
-        model.to(device)
-    return model, tokenizer

@@ -1,7 +1,8 @@
 """Reading the files a run depends on, so that a file that does not parse is named with the parser's reason.
 
 A JSON, TOML or safetensors file that is truncated or hand-edited into nonsense raises `FileFormatError`
-naming the path and what is wrong, instead of a bare `JSONDecodeError` or `SafetensorError`.
+naming the path and what is wrong, instead of a bare `JSONDecodeError` or `SafetensorError`; one that parses
+but does not fit (weights, adapters, checkpoints) raises `CheckpointError`, which every reader shares.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from safetensors.torch import load_file
 
 class FileFormatError(ValueError):
     """A file that does not parse as what it should be; the message names the file and the reason."""
+
+
+class CheckpointError(ValueError):
+    """A model folder, checkpoint or adapter that parses but does not fit what was asked of it (a tensor
+    missing, misshapen or unexpected, a model that is not Qwen3, an adapter that is not DoRA)."""
 
 
 def read_json(path: str | Path) -> dict:

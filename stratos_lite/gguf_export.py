@@ -22,6 +22,7 @@ from torch import nn
 from .dora import DoRALinear, rows_per_block
 from .model import Qwen3ForCausalLM
 from .tokenizer import Tokenizer
+from .weights import checkpoint_dtype, load_pretrained_with_adapter
 
 QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -287,8 +288,5 @@ def export_gguf_from_folder(model_dir: str | Path, path: str | Path, adapter: st
                             quant: str = "q8_0", **options) -> Path:
     """The same from an HF folder (and an optional DoRA adapter, merged tensor by tensor while writing).
     The weights are memory-mapped in their stored dtype, so nothing is converted ahead of time."""
-    from .dora import load_pretrained_with_adapter
-    from .weights import checkpoint_dtype
-
     model, tokenizer = load_pretrained_with_adapter(model_dir, adapter, dtype=checkpoint_dtype(model_dir))
     return export_gguf(model, tokenizer, path, quant, **options)

@@ -16,11 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .files import read_json
-
-
-class CheckpointError(ValueError):
-    """A model folder, checkpoint or adapter that does not fit what was asked of it."""
+from .files import CheckpointError, read_json
 
 
 @dataclass

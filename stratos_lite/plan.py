@@ -17,9 +17,7 @@ number of positions as a slice.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -31,11 +29,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .data import IGNORE_INDEX, ScoredDataset
+from .config import TrainConfig, attention_kernel, compute_dtype, default_device, optimizer_steps
+from .data import IGNORE_INDEX, ScoredDataset, read_training_data
 from .dora import apply_dora, dora_layers
 from .model import Qwen3Config, Qwen3ForCausalLM
-from .run import default_device, read_training_data, train_from_config
-from .trainer import TrainConfig, attention_kernel, compute_dtype, optimizer_steps
 from .weights import parse_size
 
 GB = 1e9
@@ -485,22 +482,6 @@ def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 40
     while guess > 1 and peak_at(guess)[0] > memory:
         guess -= max(1, guess // 16)
     return int(guess)
-
-
-def probe(config: TrainConfig, steps: int, result: Plan) -> Plan:
-    """Run `steps` real optimizer steps (weights loaded, no checkpoint saved, in a temporary out_dir) and put
-    the measured seconds per step into `result`: the median of the steps after the first, which warms up
-    allocators and kernels."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        probe_config = TrainConfig(**{**config.to_dict(), "out_dir": out_dir, "max_steps": steps,
-                                      "save_every": 10**9, "verify_batches": 0, "eval_every": 0,
-                                      "progress": False})
-        train_from_config(probe_config, quiet=True)
-        lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    times = sorted(json.loads(line)["step_seconds"] for line in lines[1:] or lines)
-    result.seconds_per_step = times[len(times) // 2]
-    result.probe_steps = len(times)
-    return result
 
 
 def check_fits(result: Plan) -> None:

@@ -1,33 +1,25 @@
-"""A training run from a TrainConfig alone: load the model folder, wrap it, read the data, train.
+"""A training run from a TrainConfig alone: load the model folder, wrap it, read the data, train; and the
+plan's timed probe, which is such a run cut short.
 
-What tools/train.py runs, and what a plan's probe times; a script that builds its own model and data uses
-Trainer directly instead.
+What tools/train.py runs; a script that builds its own model and data uses Trainer directly instead.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import tempfile
+from pathlib import Path
 
 import torch
 
-from .data import ScoredDataset
+from .config import TrainConfig, compute_dtype, default_device
+from .data import ScoredDataset, read_training_data
 from .distributed import init_distributed, load_sharded
 from .dora import apply_dora
+from .plan import Plan
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, Trainer, TrainResult, compute_dtype
+from .trainer import Trainer, TrainResult
 from .weights import load_model
-
-
-def default_device() -> torch.device:
-    """This process's GPU when there is one (ROCm builds answer to "cuda" too), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def read_training_data(config: TrainConfig) -> ScoredDataset:
-    """config.train_data tokenized with the model folder's tokenizer (no weights read)."""
-    return ScoredDataset.from_jsonl(config.train_data, Tokenizer.from_pretrained(config.model), max_len=config.max_len)
 
 
 def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDataset | None = None) -> TrainResult:
@@ -45,9 +37,25 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
         if config.mode == "dora":
             say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
     if train is None:
-        train = ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
+        train = read_training_data(config)
     train.report.write(config.out_dir)
     say(train.report.to_markdown())
     evaluation = (ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)
                   if config.eval_data and config.eval_every else None)
     return Trainer(model, train, config, eval_dataset=evaluation, pad_id=tokenizer.pad_id).train()
+
+
+def probe(config: TrainConfig, steps: int, result: Plan) -> Plan:
+    """Run `steps` real optimizer steps (weights loaded, no checkpoint saved, in a temporary out_dir) and put
+    the measured seconds per step into `result`: the median of the steps after the first, which warms up
+    allocators and kernels."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        probe_config = TrainConfig(**{**config.to_dict(), "out_dir": out_dir, "max_steps": steps,
+                                      "save_every": 10**9, "verify_batches": 0, "eval_every": 0,
+                                      "progress": False})
+        train_from_config(probe_config, quiet=True)
+        lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    times = sorted(json.loads(line)["step_seconds"] for line in lines[1:] or lines)
+    result.seconds_per_step = times[len(times) // 2]
+    result.probe_steps = len(times)
+    return result

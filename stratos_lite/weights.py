@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import read_json, safetensors_header
-from .model import CheckpointError, Qwen3Config, Qwen3ForCausalLM
+from .dora import load_adapter
+from .files import CheckpointError, read_json, safetensors_header
+from .model import Qwen3Config, Qwen3ForCausalLM
 from .tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -197,3 +198,14 @@ def save_pretrained(model: Qwen3ForCausalLM, tokenizer: Tokenizer | None, path: 
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+def load_pretrained_with_adapter(path: str | Path, adapter: str | Path | None = None,
+                                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+                                 ) -> tuple[nn.Module, Tokenizer]:
+    """An HF model folder, with a PEFT DoRA adapter on top when one is given (left unmerged)."""
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+    if adapter:
+        load_adapter(model, adapter)
+        model.to(device)
+    return model, tokenizer

@@ -17,9 +17,9 @@ from train_child import build, save_base
 
 import stratos_lite as sl
 from stratos_lite.checkpoint import CheckpointWarning, checkpoints
-from stratos_lite.files import FileFormatError
-from stratos_lite.model import CheckpointError
-from stratos_lite.trainer import ConfigError, TrainConfig, Trainer
+from stratos_lite.config import ConfigError, TrainConfig
+from stratos_lite.files import CheckpointError, FileFormatError
+from stratos_lite.trainer import Trainer
 
 TOOLS = Path(__file__).parent.parent / "tools"
 

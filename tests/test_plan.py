@@ -12,8 +12,8 @@ from conftest import tiny_config
 from train_child import save_base
 
 import stratos_lite as sl
+from stratos_lite.config import attention_kernel
 from stratos_lite.plan import DataShape, _LiveBytes, _simulate_micro_batch, _Simulator, count_parameters
-from stratos_lite.trainer import attention_kernel
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 TINY = sl.Qwen3Config.from_dict(tiny_config())

@@ -20,8 +20,10 @@ from train_child import build, save_base
 import stratos_lite as sl
 from stratos_lite import checkpoint as checkpoint_module
 from stratos_lite.checkpoint import checkpoints
+from stratos_lite.config import ConfigError, TrainConfig
 from stratos_lite.data import collate
-from stratos_lite.trainer import ConfigError, NonFiniteError, TrainConfig, Trainer, cosine_with_warmup
+from stratos_lite.guard import NonFiniteError
+from stratos_lite.trainer import Trainer, cosine_with_warmup
 
 HERE = Path(__file__).parent
 
@@ -60,7 +62,7 @@ def test_accumulation_is_exact(demo_dir):
         trainer = Trainer(model, dataset, quick_config("/tmp/unused", batch_size=batch, grad_accum=accum,
                                                        max_grad_norm=1e9), pad_id=tok.pad_id)
         micro = [collate(items[i:i + batch], tok.pad_id) for i in range(0, 8, batch)]
-        trainer._step(model, micro, GradientRecorder())
+        trainer._step(micro, GradientRecorder())
         grads[(batch, accum)] = [p.grad.clone() for p in trainer.params]
     for other in [(2, 4), (1, 8)]:
         for a, b in zip(grads[(8, 1)], grads[other], strict=True):

@@ -10,8 +10,9 @@ import time
 import torch
 
 import stratos_lite as sl
+from stratos_lite.config import TrainConfig
 from stratos_lite.distributed import exit_distributed
-from stratos_lite.trainer import TrainConfig, Trainer
+from stratos_lite.trainer import Trainer
 
 
 class SlowDataset(torch.utils.data.Dataset):

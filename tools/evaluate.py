@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from stratos_lite.cli import run
-from stratos_lite.dora import load_pretrained_with_adapter
 from stratos_lite.evaluate import evaluate
+from stratos_lite.weights import load_pretrained_with_adapter
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import torch
 
 from stratos_lite.cli import run
 from stratos_lite.data import scoring_messages
-from stratos_lite.dora import load_pretrained_with_adapter
 from stratos_lite.evaluate import parse_completion
 from stratos_lite.generate import generate
+from stratos_lite.weights import load_pretrained_with_adapter
 
 
 def main() -> None:

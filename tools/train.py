@@ -15,12 +15,11 @@ from pathlib import Path
 
 import stratos_lite as sl
 from stratos_lite.cli import run
-from stratos_lite.demo_run import DemoConfig, run_demo
+from stratos_lite.data import read_training_data
+from stratos_lite.demo_run import DEMO_TOML, DemoConfig, run_demo
 from stratos_lite.distributed import exit_distributed
-from stratos_lite.plan import DataShape, check_fits, probe
-from stratos_lite.run import read_training_data, train_from_config
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+from stratos_lite.plan import DataShape, check_fits
+from stratos_lite.run import probe, train_from_config
 
 
 def main() -> None:
@@ -34,7 +33,8 @@ def main() -> None:
     parser.add_argument("--memory", help="plan against this much memory (e.g. 24GB) instead of this device's")
     parser.add_argument("--ranks", type=int, help="plan per rank for this many ranks (default: torchrun's WORLD_SIZE)")
     parser.add_argument("--no-plan-check", action="store_true", help="train even when the plan says it won't fit")
-    parser.add_argument("--demo-config", default=str(DEMO_CONFIG), help="the demo's settings (configs/demo.toml)")
+    parser.add_argument("--demo-config", default=str(DEMO_TOML),
+                        help="a TOML file over the demo's settings (stratos_lite/demo.toml), e.g. seed = 1")
     parser.add_argument("--reuse", action="store_true", help="demo: keep what an earlier run left in its out_dir")
     args = parser.parse_args()
     if not args.config:

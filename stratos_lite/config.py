@@ -1,0 +1,249 @@
+"""What a run asks for: TrainConfig, its validation, and what each setting resolves to on a device.
+
+Every setting is checked for type and range when the config is made (from TOML, `--set` or Python), so a bad
+value is refused before anything is loaded, with one line naming the setting, the value and what is allowed.
+The loop (trainer.py), the plan (plan.py), the strategies (strategy.py) and a run from a file (run.py) read
+this module; it reads none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .dora import DEFAULT_TARGETS
+from .files import read_toml
+
+
+@dataclass
+class TrainConfig:
+    # What to train on (read by tools/train.py; a script that builds its own model and data may leave them).
+    model: str = ""
+    train_data: str = ""
+    eval_data: str = ""
+    out_dir: str = "runs/train"
+    # Adapter: "dora" wraps the targets; "full" trains every parameter.
+    mode: str = "dora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Data.
+    max_len: int = 1024
+    band_sampling: bool = True
+    contrastive_boost: float = 1.0  # > 1 draws contrastive-group examples more often within their band
+    loss_denominator: str = "examples"  # or "weights"
+    verify_batches: int = 1000
+    # Optimisation.
+    batch_size: int = 2
+    grad_accum: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.05
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    max_grad_norm: float = 1.0
+    dtype: str = "bfloat16"  # or "float32", or "auto": bf16 where the device computes it natively
+    gradient_checkpointing: bool = True
+    checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
+    # "sdpa": PyTorch picks the attention kernel (flash where it can). "math": matmul, softmax, matmul, which
+    # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them) but
+    # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.7-0.8x the time at 160, 1.0-1.3x
+    # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
+    attention_kernel: str = "sdpa"
+    seed: int = 0
+    # Several ranks (torchrun): "ddp" keeps a whole replica per rank; "fsdp" shards parameters, gradients and
+    # optimizer state across ranks (FSDP2), optionally keeping parameters in CPU memory between uses.
+    strategy: str = "ddp"
+    cpu_offload: bool = False
+    # CPU memory (stratos_lite/heap.py): hand freed heap pages back to the OS so that peak RSS follows the
+    # tensors alive (the plan's figure) instead of drifting above it. "steps": at each micro-batch's forward
+    # and backward and after the optimizer step; "layers": also every `heap_release_every` decoder layers.
+    # Pays where steps are long (Qwen3-0.6B: "layers" up to 25 % slower); short steps pay 1.4x.
+    heap_release: str = "off"
+    heap_release_every: int = 4
+    # Checkpoints, logging, the guard.
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # held-out loss every N steps (0: never)
+    eval_examples: int = 256
+    max_nonfinite_steps: int = 0  # skip up to N non-finite steps instead of stopping
+    progress: bool = True
+
+    def __post_init__(self):
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            problem = _setting_problem(spec.name, spec.type, value)
+            if problem:
+                raise ConfigError(spec.name, problem)
+            if spec.type == "float":  # an integer written for a float setting (lr = 1) is that float
+                setattr(self, spec.name, float(value))
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+        return cls.from_dict(read_toml(path), source=str(path), overrides=overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config", overrides: list[str] = ()) -> TrainConfig:
+        """Settings from a file's values, then `--set key=value` overrides; errors name where a bad value
+        came from (the file, or --set)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values, origin = dict(values), dict.fromkeys(values, source)
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError("", f"--set expects key=value, got {item!r}")
+            values[key.strip()] = _parse_value(raw.strip())
+            origin[key.strip()] = "--set"
+        unknown = sorted(values.keys() - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"{origin[unknown[0]]}: unknown setting {unknown[0]!r}; "
+                                          f"known settings: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(error.setting, f"{origin.get(error.setting, source)}: {error}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A setting with a wrong type or value; `setting` names it, the message says what is allowed."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, float) or _is_int(value)) and not math.isnan(value)
+
+
+# Each annotation's test and its wording; then the allowed values of each setting beyond its type.
+_TYPES = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                  "a list of non-empty strings"),
+    "list[float]": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+}
+
+
+def _one_of(*allowed):
+    return lambda v: v in allowed, "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_POSITIVE_FINITE = (lambda v: 0 < v < math.inf, "> 0 and finite")
+_RANGES = {
+    "out_dir": (bool, "not empty"),
+    "mode": _one_of("dora", "full"),
+    "rank": _at_least(1),
+    "alpha": _POSITIVE_FINITE,
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "targets": (bool, "not empty"),
+    "max_len": _at_least(8),
+    "contrastive_boost": _POSITIVE_FINITE,
+    "loss_denominator": _one_of("examples", "weights"),
+    "verify_batches": _at_least(0),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "lr": _POSITIVE_FINITE,
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "adam_eps": _POSITIVE_FINITE,
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "epochs": _POSITIVE_FINITE,
+    "max_steps": _at_least(0),
+    "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
+    "dtype": _one_of("bfloat16", "float32", "auto"),
+    "checkpoint_policy": _one_of("layer", "mlp"),
+    "attention_kernel": _one_of("sdpa", "math"),
+    "strategy": _one_of("ddp", "fsdp"),
+    "heap_release": _one_of("off", "steps", "layers"),
+    "heap_release_every": _at_least(1),
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "save_every": _at_least(1),
+    "keep_checkpoints": _at_least(0),  # 0 keeps every checkpoint
+    "eval_every": _at_least(0),
+    "eval_examples": _at_least(1),
+    "max_nonfinite_steps": _at_least(0),
+}
+
+
+def _setting_problem(name: str, annotation: str, value) -> str | None:
+    """What is wrong with one setting's value (its name, the value and what is allowed), or None."""
+    is_type, kind = _TYPES[annotation]
+    in_range, allowed = _RANGES.get(name, (lambda v: True, ""))
+    if is_type(value) and in_range(value):
+        return None
+    return f"setting {name!r} = {value!r}: expected {kind}{', ' + allowed if allowed else ''}"
+
+
+def _parse_value(raw: str):
+    """A --set value as TOML reads it (numbers, booleans, lists, quoted strings), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16, and CPUs with AVX512-BF16
+    or AMX (what oneDNN checks). On other CPUs bf16 is emulated: a demo step measured 25x slower than fp32 on
+    an AVX2-only AMD EPYC (benchmarks/dtype_speed.py)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype TrainConfig.dtype asks for on `device` ("auto": bf16 where native, else fp32)."""
+    if setting == "auto":
+        return torch.bfloat16 if bf16_is_native(device) else torch.float32
+    return getattr(torch, setting)
+
+
+def attention_kernel(setting: str):
+    """The context a training forward and backward run under for TrainConfig.attention_kernel. The backward
+    runs under it too: gradient checkpointing recomputes forwards there."""
+    return sdpa_kernel(SDPBackend.MATH) if setting == "math" else nullcontext()
+
+
+def optimizer_steps(config: TrainConfig, examples: int, world_size: int = 1) -> int:
+    """How many optimizer steps a run of `config` over `examples` takes: max_steps when set, else its epochs
+    at batch_size x grad_accum x world_size examples per step."""
+    if config.max_steps > 0:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil(config.epochs * examples / per_step))
+
+
+def default_device() -> torch.device:
+    """This process's GPU when there is one (ROCm builds answer to "cuda" too), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
