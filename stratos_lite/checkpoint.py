@@ -4,16 +4,16 @@ A checkpoint is a folder `checkpoint-{step:06d}` holding the trainable tensors (
 the optimizer's tensors (`optimizer.safetensors`), RNG states (`rng.safetensors`), everything else as
 JSON (`state.json`: step, config, scheduler, sampler position, optimizer hyperparameters, metrics so far),
 and for DoRA models the adapter in PEFT's layout (`adapter/`), plus `manifest.json`: the size and SHA-256
-of every other file. It is written under a temporary name and renamed when complete, so a kill mid-save
-leaves the previous checkpoint as it was; the manifest catches what goes wrong on disk afterwards (a
-truncated copy, a bad sector), and resuming skips a checkpoint that fails it for the newest one that passes.
+of every other file. It is written under a temporary name and renamed when complete (atomic.py), so a kill
+or a full disk mid-save leaves the previous checkpoints as they were; the manifest catches what goes wrong on
+disk afterwards (a truncated copy, a bad sector), and resuming skips a checkpoint that fails it for the newest
+one that passes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import staged_folder
 from .dora import has_dora, save_adapter
 from .files import CheckpointError, load_safetensors, read_json
 
@@ -70,23 +71,20 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable:
     ranks wrote it; `model` names the DoRA layers for the adapter."""
     out = Path(out_dir)
     final = out / f"checkpoint-{step:06d}"
-    staging = out / f".checkpoint-{step:06d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-    optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer_state)
-    save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
-    rng_tensors, rng_json = _rng_tensors()
-    save_file(rng_tensors, str(staging / "rng.safetensors"))
-    (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
-                                                   indent=1))
-    if has_dora(model):
-        save_adapter(model, staging / "adapter", base_model_name_or_path, values=trainable)
-    (staging / MANIFEST).write_text(json.dumps(_describe_files(staging), indent=1))
-    _fsync_tree(staging)
-    if final.exists():  # the same step from an earlier run that was interrupted, or whose copy was damaged
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    # A checkpoint of the same step may exist from an earlier run that was interrupted, or whose copy was
+    # damaged: the new one replaces it. When the disk fills up, the half-written one is removed and the
+    # older checkpoints stay as they are.
+    with staged_folder(final) as staging:
+        save_file({k: v.cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+        optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer_state)
+        save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+        rng_tensors, rng_json = _rng_tensors()
+        save_file(rng_tensors, str(staging / "rng.safetensors"))
+        (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
+                                                       indent=1))
+        if has_dora(model):
+            save_adapter(model, staging / "adapter", base_model_name_or_path, values=trainable)
+        (staging / MANIFEST).write_text(json.dumps(_describe_files(staging), indent=1))
     for old in checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
@@ -126,13 +124,6 @@ def checkpoint_damage(folder: str | Path) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"{name} does not match the SHA-256 written with it"
     return None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def newest_intact_checkpoint(out_dir: str | Path, passed_over=lambda folder, reason: None) -> Path | None:

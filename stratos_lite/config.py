@@ -79,6 +79,9 @@ class TrainConfig:
     eval_examples: int = 256
     max_nonfinite_steps: int = 0  # skip up to N non-finite steps instead of stopping
     progress: bool = True
+    # Resuming a checkpoint under settings that change what the run computes (RECIPE below) stops with the
+    # list of changes; true continues anyway, printing them and recording them in metrics.jsonl.
+    allow_recipe_change: bool = False
 
     def __post_init__(self):
         for spec in dataclasses.fields(self):
@@ -247,3 +250,30 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+# Settings that do not change what a run computes, only how it is watched, stored or scheduled on the
+# hardware: they may differ between a checkpoint and the run that resumes it. Every other setting is part of
+# the recipe (a new setting is, until it is listed here).
+NOT_RECIPE = frozenset({
+    "out_dir", "eval_data", "progress", "save_every", "keep_checkpoints", "heap_release", "heap_release_every",
+    "eval_every", "eval_examples", "verify_batches", "max_nonfinite_steps", "gradient_checkpointing",
+    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change",
+})
+
+
+def recipe_changes(saved: dict, config: TrainConfig, saved_ranks: int, ranks: int) -> list[str]:
+    """Each recipe setting that differs between a checkpoint's config (`saved`, written by `saved_ranks`
+    ranks) and `config` on `ranks` ranks, as `name: checkpoint value -> new value`. The batch is compared as
+    batch_size x ranks, the examples every micro-batch draws across ranks, so a run started on 2 ranks at
+    batch 2 resumes on 1 at batch 4."""
+    changes = []
+    for name, value in config.to_dict().items():
+        if name in NOT_RECIPE or name not in saved:  # absent: written before the setting existed
+            continue
+        before = saved[name]
+        if name == "batch_size":
+            before, value, name = before * saved_ranks, value * ranks, "batch_size x ranks"
+        if before != value:
+            changes.append(f"{name}: {before!r} -> {value!r}")
+    return changes

@@ -12,6 +12,7 @@ is the assistant's completion. Only the completion (its <|im_end|> included) car
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter, defaultdict
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .atomic import write_text
 from .tokenizer import Message, Tokenizer, render_completion
 
 if TYPE_CHECKING:  # for the annotation only: the settings module does not depend on the data
@@ -46,6 +48,18 @@ class Band:
     high: float  # exclusive, except for the top band, which includes its upper edge
     weight: float  # per-example loss weight
     target_share: float  # share of sampled examples
+
+    def __post_init__(self):
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"band {self.name!r}: low {self.low!r} and high {self.high!r} must be finite, low < high")
+        if not _positive_finite(self.weight):
+            raise ValueError(f"band {self.name!r}: weight {self.weight!r} must be a positive finite number")
+        if not (isinstance(self.target_share, int | float) and 0 <= self.target_share <= 1):
+            raise ValueError(f"band {self.name!r}: target_share {self.target_share!r} must be in [0, 1]")
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 DEFAULT_BANDS = (
@@ -108,13 +122,14 @@ class DatasetReport:
     skipped_lines: dict[str, int] = field(default_factory=dict)
     contrastive_groups: int = 0
     contrastive_examples: int = 0
+    sha256: str = ""  # of the JSONL file read (empty for data made in memory)
 
     def write(self, folder: str | Path) -> None:
         """dataset_report.md (tables for people) and dataset_report.json (the same numbers for tools)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "dataset_report.md").write_text(self.to_markdown())
-        (folder / "dataset_report.json").write_text(json.dumps(asdict(self), indent=2))
+        write_text(folder / "dataset_report.md", self.to_markdown())
+        write_text(folder / "dataset_report.json", json.dumps(asdict(self), indent=2))
 
     def to_markdown(self) -> str:
         rows = [f"# Dataset report: {self.source}", "",
@@ -151,6 +166,15 @@ def _read_text(record: dict, name: str, blank_ok: bool = False) -> str:
     return value
 
 
+def _read_weight(record: dict) -> float | None:
+    """The line's own loss weight (it replaces its band's), or None when it has none."""
+    if "weight" not in record:
+        return None
+    if not _positive_finite(record["weight"]):
+        raise ValueError(f"weight must be a positive finite number, got {record['weight']!r}")
+    return float(record["weight"])
+
+
 def _read_score(record: dict) -> float:
     score = record.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
@@ -169,6 +193,7 @@ class ParsedRecord:
     profile_id: str
     article_id: str
     fields: tuple[str, str, str] | None  # (profile, title, article) of a scored record, to re-render shorter
+    weight: float | None = None  # the line's own loss weight, replacing its band's
 
     @property
     def title(self) -> str:
@@ -192,13 +217,14 @@ def parse_record(record: dict) -> ParsedRecord:
         if not messages[-1].content.strip():
             raise ValueError("empty completion")
         return ParsedRecord(messages[:-1], render_completion(messages[-1].content), score,
-                            str(record.get("profile_id", "")), str(record.get("article_id", "")), None)
+                            str(record.get("profile_id", "")), str(record.get("article_id", "")), None,
+                            _read_weight(record))
     _require(record, RECORD_FIELDS)
     score = _read_score(record)
     profile, title, article, reasoning = (_read_text(record, name) for name in TEXT_FIELDS)
     profile_id, article_id = (_read_text(record, name, blank_ok=True) for name in ID_FIELDS)
     return ParsedRecord(scoring_messages(profile, title, article), scoring_completion(score, reasoning), score,
-                        profile_id, article_id, (profile, title, article))
+                        profile_id, article_id, (profile, title, article), _read_weight(record))
 
 
 def read_jsonl(path: str | Path, on_error: str = "raise") -> tuple[list[tuple[int, ParsedRecord]], Counter]:
@@ -277,7 +303,14 @@ class ScoredDataset(torch.utils.data.Dataset):
                    bands: Sequence[Band] = DEFAULT_BANDS, on_error: str = "raise") -> ScoredDataset:
         records, skipped = read_jsonl(path, on_error)
         examples, truncated, did_not_fit = [], 0, 0
-        for _, parsed in records:
+        for number, parsed in records:
+            try:
+                band = band_index(parsed.score, bands)
+            except ValueError as error:  # scores within 0-10 that custom bands leave out
+                if on_error == "raise":
+                    raise DataError(f"{path}:{number}: {error}") from None
+                skipped["score falls in no band"] += 1
+                continue
             chat, shortened = _fit_article(tokenizer, parsed, max_len)
             if chat is None:
                 did_not_fit += 1
@@ -286,12 +319,13 @@ class ScoredDataset(torch.utils.data.Dataset):
             ids = torch.tensor(chat.input_ids, dtype=torch.long)
             labels = ids.clone()
             labels[: chat.prompt_length] = IGNORE_INDEX
-            band = band_index(parsed.score, bands)
-            examples.append(Example(ids, labels, parsed.score, band, bands[band].weight, parsed.profile_id,
-                                    parsed.article_id, shortened))
+            weight = bands[band].weight if parsed.weight is None else parsed.weight
+            examples.append(Example(ids, labels, parsed.score, band, weight, parsed.profile_id, parsed.article_id,
+                                    shortened))
         if not examples:
             raise DataError(_why_empty(path, tokenizer, [parsed for _, parsed in records], max_len, skipped))
         report = build_report(str(path), examples, bands, truncated, did_not_fit, dict(skipped))
+        report.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # checkpoints note what they trained on
         return cls(examples, bands, report)
 
     def __len__(self) -> int:

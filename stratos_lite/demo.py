@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .data import score_text, scoring_completion, scoring_messages
 from .tokenizer import Tokenizer, render_prompt, train_chatml_tokenizer
 
@@ -196,7 +197,7 @@ def make_records(articles: int, profiles_per_article: int, seed: int, first_inde
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def tokenizer_corpus(records: list[dict]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
 from .config import TrainConfig, compute_dtype
 from .data import SYSTEM_PROMPT, ScoredDataset
 from .demo import make_demo_data
@@ -137,7 +138,7 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
                          "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
                          "gguf": str(gguf_path), "modelfile": str(gguf_path.with_name("Modelfile"))}}
     summary["constant_mae"] = _constant_mae(paths["eval"], summary["mean_training_score"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
 

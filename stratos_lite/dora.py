@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import staged_folder
 from .files import CheckpointError, open_safetensors, read_json
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -306,8 +307,6 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
                  values: dict[str, torch.Tensor] | None = None) -> Path:
     """The model's DoRA adapter in PEFT's layout. `values` (parameter name -> tensor) stands in for the
     layers' own tensors, e.g. whole tensors gathered from the ranks that shard them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model_name_or_path)
     if values is None:
         tensors = {k: v for name, layer in dora_layers(model) for k, v in _peft_tensors(name, layer).items()}
@@ -315,9 +314,10 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
         tensors = {f"{PEFT_PREFIX}{name}.{peft}": values[f"{name}.{ours}"] for name, _ in dora_layers(model)
                    for ours, peft in ADAPTER_TENSORS.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return folder
+    with staged_folder(folder) as staging:  # a kill or full disk never leaves half an adapter under `folder`
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return Path(folder)
 
 
 def _read_adapter_config(folder: Path) -> dict:

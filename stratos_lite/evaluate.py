@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from .atomic import write_text
 from .data import DEFAULT_BANDS, Band, ParsedRecord, band_index, read_jsonl
 from .dora import adapters_disabled
 from .engines import LlamaCppEngine, TorchEngine, timed_complete
@@ -248,7 +249,7 @@ def report_markdown(result: dict, spreads: list[dict], baseline: dict | None = N
 
 
 def write_predictions(predictions: Sequence[Prediction], path: Path) -> None:
-    path.write_text("".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in predictions))
+    write_text(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in predictions))
 
 
 def read_predictions(path: str | Path) -> list[Prediction]:
@@ -325,9 +326,9 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
         result["baseline"] = {k: v for k, v in baseline_metrics.items() if k != "per_profile"}
     if engines:
         result["engines"] = engines
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "metrics.json", json.dumps(result, indent=2))
     report = report_markdown(result, spreads, baseline_metrics, labels) + engines_markdown(labels[1], result, engines)
-    (out / "eval_report.md").write_text(report + bands_markdown(charts, {labels[1]: result, **engines}))
+    write_text(out / "eval_report.md", report + bands_markdown(charts, {labels[1]: result, **engines}))
     return result
 
 
@@ -355,9 +356,9 @@ def write_charts(out: Path, columns: dict[str, Sequence[Prediction]]) -> dict[st
     names = {}
     for name, predictions in columns.items():
         scatter, bands = f"scatter_{_slug(name)}.svg", f"bands_{_slug(name)}.svg"
-        (out / scatter).write_text(scatter_svg([p.truth for p in predictions], [p.predicted for p in predictions],
-                                               f"{name}: predicted vs true score"))
-        (out / bands).write_text(confusion_svg(band_confusion(predictions), f"{name}: bands"))
+        write_text(out / scatter, scatter_svg([p.truth for p in predictions], [p.predicted for p in predictions],
+                                              f"{name}: predicted vs true score"))
+        write_text(out / bands, confusion_svg(band_confusion(predictions), f"{name}: bands"))
         names[name] = (scatter, bands)
     return names
 

@@ -9,7 +9,6 @@ provides the container and its constants; q8_0 is computed here in torch, byte-i
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import staged_file, write_text
 from .dora import DoRALinear, rows_per_block
 from .model import Qwen3ForCausalLM
 from .tokenizer import Tokenizer
@@ -233,9 +233,7 @@ def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
     text = MODELFILE_TEMPLATE.format(gguf_name=gguf_path.name)
     if system:
         text += f'SYSTEM """{system}"""\n'
-    path = gguf_path.with_name("Modelfile")
-    path.write_text(text)
-    return path
+    return write_text(gguf_path.with_name("Modelfile"), text)
 
 
 # the export -----------------------------------------------------------------------------------------------
@@ -258,9 +256,16 @@ def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path,
         raise ExportError(f"only Qwen3ForCausalLM exports (architecture qwen3), got {type(model).__name__}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
     plan = tensor_plan(model)
-    writer = gguf.GGUFWriter(staging, "qwen3")
+    with staged_file(target) as staging:  # the GGUF appears under its name whole, or not at all
+        _write_gguf(gguf.GGUFWriter(staging, "qwen3"), model, tokenizer, plan, quant, name)
+    if modelfile:
+        write_modelfile(target, system_prompt)
+    return target
+
+
+def _write_gguf(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, tokenizer: Tokenizer, plan: list[PlannedTensor],
+                quant: str, name: str) -> None:
     try:
         _add_hyperparameters(writer, model, quant, name)
         _add_tokenizer(writer, tokenizer, model.config.vocab_size)
@@ -273,15 +278,8 @@ def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path,
         writer.write_ti_data_to_file()
         for data in _stream(plan, qtypes):
             writer.write_tensor_data(data)
+    finally:
         writer.close()
-        os.replace(staging, target)
-    except BaseException:
-        writer.close()
-        staging.unlink(missing_ok=True)
-        raise
-    if modelfile:
-        write_modelfile(target, system_prompt)
-    return target
 
 
 def export_gguf_from_folder(model_dir: str | Path, path: str | Path, adapter: str | Path | None = None,

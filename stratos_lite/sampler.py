@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_text
+
 
 def example_probabilities(bands: Sequence[int], target_shares: Sequence[float],
                           boost: Sequence[float] | None = None) -> torch.Tensor:
@@ -108,7 +110,7 @@ def verify_sampler(sampler: BandSampler, band_names: Sequence[str], target_share
     result["l1_to_target"], result["l1_to_raw"] = 2 * result["tvd_to_target"], 2 * result["tvd_to_raw"]
     result["passed"] = result["tvd_to_target"] < 0.05 and result["tvd_to_target"] < result["tvd_to_raw"]
     if path is not None:
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_text(path, json.dumps(result, indent=2))
     return result
 
 

@@ -11,6 +11,7 @@ The loop asks the same things of every strategy, so it reads the same whatever t
     whole_state / restore    trainable tensors and optimizer state as whole tensors, whatever holds them,
                              so a checkpoint written by N ranks resumes on any number
     is_main                  only rank 0 writes files; every rank joins each collective
+    any_rank(flag)           ranks stop together (a signal, a lock refused), so none waits in a collective
 
 Under torchrun the strategy is TrainConfig.strategy ("ddp" or "fsdp"); a single process is `OneProcess`.
 """
@@ -42,6 +43,7 @@ class OneProcess:
 
     def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         self.model, self.rank, self.world_size = model, rank, world_size
+        self.device = next(model.parameters()).device  # where the reductions' tensors live (NCCL: the GPU)
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +60,10 @@ class OneProcess:
 
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank: ranks decide together to stop, so none is left in a collective."""
+        return flag
 
     def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -102,6 +108,9 @@ class AcrossRanks(OneProcess):
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(self.sum_over_ranks(torch.tensor(int(flag), device=self.device)) > 0)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,24 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import storage_errors_named, write_text
 from .checkpoint import CheckpointWarning, newest_intact_checkpoint, read_checkpoint, restore_rng, save_checkpoint
-from .config import TrainConfig, attention_kernel, bf16_is_native, compute_dtype, optimizer_steps
+from .config import (
+    ConfigError,
+    TrainConfig,
+    attention_kernel,
+    bf16_is_native,
+    compute_dtype,
+    optimizer_steps,
+)
 from .data import IGNORE_INDEX, collate
 from .dora import has_dora, save_adapter
 from .guard import NonFiniteError, diagnosis, first_nonfinite_gradient, first_nonfinite_module, risky_flags
 from .heap import release_free_memory, released_every
+from .lock import LockError, OutDirLock
 from .model import Qwen3ForCausalLM
-from .run_state import RunState
+from .preemption import Interrupted, StopRequests
+from .run_state import RunState, changes_since, data_identity
 from .sampler import BandSampler, format_verification, verify_sampler
 from .strategy import strategy_for
 from .training_report import write_training_summary
@@ -94,9 +105,31 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        """Train to the end (resuming from out_dir's newest checkpoint when there is one) and write the
+        adapter or model, the summary and the loss curve. SIGTERM or SIGINT stops after the current step with
+        a checkpoint (preemption.Interrupted); out_dir is locked against a second run for the duration."""
+        with self._out_dir_held():
+            return self._train()
+
+    @contextmanager
+    def _out_dir_held(self):
+        """Rank 0 holds out_dir's lock; when it cannot, every rank stops before the first collective."""
+        lock, refused = OutDirLock(self.out_dir), None
+        if self.strategy.is_main:
+            try:
+                lock.acquire()
+            except LockError as error:
+                refused = error
+        if self.strategy.any_rank(refused is not None):
+            raise refused or LockError(f"{self.out_dir}: rank 0 could not take the out_dir's lock")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _train(self) -> TrainResult:
         config = self.config
         torch.manual_seed(config.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._warn_about_environment()
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                                       weight_decay=config.weight_decay)
@@ -111,11 +144,12 @@ class Trainer:
         bar = tqdm(total=total, initial=run.step, desc="train", dynamic_ncols=True,
                    disable=not config.progress or not self.strategy.is_main)
         start = time.perf_counter()
-        with self._heap_released_in_layers():
+        with self._heap_released_in_layers(), StopRequests() as stop, closing(bar):
             draw = iter(run.sampler)
             while run.step < total:
                 self._train_one_step(run, draw, bar)
-        bar.close()
+                if run.step < total and self.strategy.any_rank(stop.received is not None):
+                    self._stop_on_signal(run, stop.received)
         return self._finish(run.metrics, time.perf_counter() - start)
 
     def _train_one_step(self, run: RunState, draw, bar) -> None:
@@ -137,6 +171,8 @@ class Trainer:
         run.scheduler.step()
         if config.eval_every and self.eval_dataset is not None and run.step % config.eval_every == 0:
             record["eval_loss"] = self.evaluate_loss()
+        if run.recipe_changes:  # the first step after resuming under a changed recipe records the changes
+            record["recipe_changes"], run.recipe_changes = run.recipe_changes, []
         run.metrics.append(record)
         self._log(record, bar)
         if run.step % config.save_every == 0 or run.step == self.total_steps():
@@ -224,7 +260,7 @@ class Trainer:
     def _log(self, record: dict, bar) -> None:
         if not self.strategy.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with storage_errors_named(self.out_dir / "metrics.jsonl"), open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.2f}",
@@ -250,11 +286,21 @@ class Trainer:
 
     # -- checkpoints and outputs ----------------------------------------------------------------------------
 
+    def _stop_on_signal(self, run: RunState, signum: int | None) -> None:
+        """Every rank: checkpoint the step just taken (unless it was saved already) and raise Interrupted."""
+        if run.step % self.config.save_every:
+            self._save(run)
+        cause = signal.Signals(signum).name if signum else "a stop signal on another rank"
+        raise Interrupted(f"stopped by {cause} after step {run.step} of {self.total_steps()}; checkpoint "
+                          f"{self.out_dir / f'checkpoint-{run.step:06d}'}. Run the same command again to resume "
+                          "from it.", signum or signal.SIGTERM)
+
     def _save(self, run: RunState) -> None:
         """A checkpoint of `run`: every rank takes part in gathering whole state, rank 0 writes it."""
         trainable, optimizer_state = self.strategy.whole_state(run.optimizer)
         if self.strategy.is_main:
-            state = {**run.to_json(), "config": self.config.to_dict()}
+            state = {**run.to_json(), "config": self.config.to_dict(), "world_size": self.strategy.world_size,
+                     "data": data_identity(self.train_dataset)}
             save_checkpoint(self.out_dir, run.step, self.model, trainable, optimizer_state, state,
                             self.config.keep_checkpoints, self.config.model)
         self.strategy.barrier()
@@ -267,11 +313,18 @@ class Trainer:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             return
         saved = read_checkpoint(newest, self.model)
+        run.recipe_changes = changes_since(saved.state, self.config, self.train_dataset, self.strategy.world_size)
+        if run.recipe_changes and not self.config.allow_recipe_change:
+            raise ConfigError("allow_recipe_change", f"{newest}: the recipe changed since this checkpoint: "
+                              f"{'; '.join(run.recipe_changes)}. Resume with the checkpoint's settings, start in "
+                              "a new out_dir, or set allow_recipe_change = true to continue with the changes.")
+        for change in run.recipe_changes:
+            self._print(f"WARNING: resuming with a changed recipe: {change}")
         self.strategy.restore_state(run.optimizer, saved.trainable, saved.optimizer_state)
         restore_rng(saved.rng)
         run.load_json(saved.state, self.strategy.rank)
         if self.strategy.is_main:  # forget logged steps after the checkpoint: they are about to be redone
-            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in run.metrics))
+            write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
         self._print(f"resuming from {newest} (step {run.step})")
 
     def _warn_damaged(self, folder: Path, reason: str) -> None:
@@ -313,6 +366,6 @@ class Trainer:
         bad_parameter = first_nonfinite_gradient(self.model, self.params, self.strategy.local)
         report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards))
         if self.strategy.is_main:
-            (self.out_dir / "nonfinite_diagnosis.txt").write_text(report + "\n")
+            write_text(self.out_dir / "nonfinite_diagnosis.txt", report + "\n")
         self._save_adapter()  # the weights are still finite: keep them
         raise NonFiniteError(report)

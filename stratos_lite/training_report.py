@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .atomic import write_text
 from .eval_charts import svg_open
 
 
@@ -75,6 +76,6 @@ def loss_curve_svg(metrics: list[dict], width: int = 640, height: int = 320) -> 
 def write_training_summary(metrics: list[dict], out_dir: Path, config) -> str:
     total = metrics[-1]["step"] if metrics else 0
     text = summary_text(metrics, math.ceil(config.warmup_ratio * total))
-    (out_dir / "summary.md").write_text(f"# Training summary\n\n```\n{text}\n```\n")
-    (out_dir / "loss_curve.svg").write_text(loss_curve_svg(metrics))
+    write_text(out_dir / "summary.md", f"# Training summary\n\n```\n{text}\n```\n")
+    write_text(out_dir / "loss_curve.svg", loss_curve_svg(metrics))
     return text

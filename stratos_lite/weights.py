@@ -8,9 +8,7 @@ pointing into the memory-mapped file and nothing is copied.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import staged_folder
 from .dora import load_adapter
 from .files import CheckpointError, read_json, safetensors_header
 from .model import Qwen3Config, Qwen3ForCausalLM
@@ -174,30 +173,24 @@ def save_pretrained(model: Qwen3ForCausalLM, tokenizer: Tokenizer | None, path: 
                     values: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an HF folder transformers loads. Written beside the target and renamed into place at the end,
     so an interrupted save never leaves a half-written model under `path`. `values`: see hf_state_dict."""
-    target = Path(path)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     tensors = hf_state_dict(model, values)
     dtype = dtype or next(iter(tensors.values())).dtype
     shards = _plan_shards(tensors, parse_size(max_shard_size))
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        file = SINGLE_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.to(dtype).contiguous().cpu() for k, v in shard.items()}, str(staging / file),
-                  metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    if len(shards) > 1:
-        total = sum(t.numel() * dtype.itemsize for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    return target
+    with staged_folder(path) as staging:
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            file = SINGLE_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: v.to(dtype).contiguous().cpu() for k, v in shard.items()}, str(staging / file),
+                      metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        if len(shards) > 1:
+            total = sum(t.numel() * dtype.itemsize for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(path)
 
 
 def load_pretrained_with_adapter(path: str | Path, adapter: str | Path | None = None,

@@ -136,20 +136,20 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_p
     Trainer(model, dataset, quick_config(tmp_path / "straight"), pad_id=tok.pad_id).train()
 
     calls = {"n": 0}
-    real = checkpoint_module._fsync_tree
+    real = checkpoint_module._describe_files
 
     def dies_on_second_save(folder):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed while writing the checkpoint")
-        real(folder)
+        return real(folder)
 
-    monkeypatch.setattr(checkpoint_module, "_fsync_tree", dies_on_second_save)
+    monkeypatch.setattr(checkpoint_module, "_describe_files", dies_on_second_save)
     model, dataset, tok = build(str(demo_dir), dropout=0.1)
     with pytest.raises(KeyboardInterrupt):
         Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-000003"]
-    monkeypatch.setattr(checkpoint_module, "_fsync_tree", real)
+    monkeypatch.setattr(checkpoint_module, "_describe_files", real)
     model, dataset, tok = build(str(demo_dir), dropout=0.1)
     Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
     straight, resumed = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "run")

@@ -10,6 +10,7 @@ import time
 import torch
 
 import stratos_lite as sl
+from stratos_lite.cli import run
 from stratos_lite.config import TrainConfig
 from stratos_lite.distributed import exit_distributed
 from stratos_lite.trainer import Trainer
@@ -73,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # as the tools do: a run stopped by a signal exits with 128 + its number
