@@ -9,6 +9,7 @@ this module; it reads none of them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -79,6 +80,9 @@ class TrainConfig:
     eval_examples: int = 256
     max_nonfinite_steps: int = 0  # skip up to N non-finite steps instead of stopping
     progress: bool = True
+    # Where step records go: metrics.jsonl always (the record resuming and the summary read), and TensorBoard
+    # event files under out_dir/tensorboard with "tensorboard" (pip install 'stratos_lite[tensorboard]').
+    log: list[str] = field(default_factory=lambda: ["jsonl"])
     # Resuming a checkpoint under settings that change what the run computes (RECIPE below) stops with the
     # list of changes; true continues anyway, printing them and recording them in metrics.jsonl.
     allow_recipe_change: bool = False
@@ -192,6 +196,8 @@ _RANGES = {
     "eval_every": _at_least(0),
     "eval_examples": _at_least(1),
     "max_nonfinite_steps": _at_least(0),
+    "log": (lambda v: "jsonl" in v and set(v) <= {"jsonl", "tensorboard"},
+            'a list holding "jsonl" (always written), and "tensorboard" if wanted'),
 }
 
 
@@ -258,7 +264,7 @@ def default_device() -> torch.device:
 NOT_RECIPE = frozenset({
     "out_dir", "eval_data", "progress", "save_every", "keep_checkpoints", "heap_release", "heap_release_every",
     "eval_every", "eval_examples", "verify_batches", "max_nonfinite_steps", "gradient_checkpointing",
-    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change",
+    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change", "log",
 })
 
 
@@ -277,3 +283,17 @@ def recipe_changes(saved: dict, config: TrainConfig, saved_ranks: int, ranks: in
         if before != value:
             changes.append(f"{name}: {before!r} -> {value!r}")
     return changes
+
+
+def settings_help() -> str:
+    """Every TrainConfig setting with its default and what it allows, from the validation tables above (the
+    `--help` of the training commands)."""
+    lines = ["settings (in the TOML file, or --set key=value), as `name = default: what is allowed`; those marked *",
+             "may change when a run resumes, the others are its recipe:"]
+    for spec in dataclasses.fields(TrainConfig):
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        kind = _TYPES[spec.type][1]
+        allowed = _RANGES.get(spec.name, (None, ""))[1]
+        free = " *" if spec.name in NOT_RECIPE else ""
+        lines.append(f"  {spec.name} = {json.dumps(default)}: {kind}{', ' + allowed if allowed else ''}{free}")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -194,4 +195,19 @@ def format_summary(summary: dict) -> str:
               "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
               + f"; total {summary['total_s']:.0f} s", "", "outputs:"]
     lines += [f"  {name:<12}{path}" for name, path in summary["paths"].items()]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *next_steps(summary["paths"])])
+
+
+def next_steps(paths: dict[str, str]) -> list[str]:
+    """What a person would do next with what the demo made: score a text, read the report, serve the GGUF."""
+    gguf = Path(paths["gguf"])
+    held_out = json.loads((Path(paths["data"]) / "eval.jsonl").read_text().splitlines()[0])  # one it never saw
+    quoted = {key: shlex.quote(held_out[key]) for key in ("profile", "title", "article")}
+    return [
+        "made: a DoRA adapter on a small Qwen3, a merged model folder, and a q8_0 GGUF with an Ollama Modelfile.",
+        "next:",
+        f"  stratos-lite score --model {paths['merged']} --dtype float32 --profile {quoted['profile']} "
+        f"--title {quoted['title']} --article {quoted['article']}",
+        f"  less {paths['eval_report']}",
+        f"  cd {gguf.parent} && ollama create stratos-demo -f Modelfile && ollama run stratos-demo",
+    ]

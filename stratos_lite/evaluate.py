@@ -21,6 +21,7 @@ from .data import DEFAULT_BANDS, Band, ParsedRecord, band_index, read_jsonl
 from .dora import adapters_disabled
 from .engines import LlamaCppEngine, TorchEngine, timed_complete
 from .eval_charts import confusion_svg, scatter_svg
+from .metrics_log import log_generation_metrics
 from .serving import served_prompt_checks
 
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -29,6 +30,7 @@ TIERS = ((0.8, "Excellent"), (0.7, "Strong"), (0.65, "Good"), (0.5, "Moderate"),
 
 @dataclass(frozen=True)
 class ParsedScore:
+    """A completion read back: the score (None when unreadable), the <think> text, and the parser's verdict."""
     score: float | None
     think: str
     status: str  # "ok", or why the score could not be read
@@ -68,6 +70,9 @@ def tier(rho: float) -> str:
 
 @dataclass
 class Prediction:
+    """One evaluated example: the eval line's id, profile, article and true score, what the engine answered
+    (`raw`) and what was read from it (predicted score or None, think length, status); predictions.jsonl
+    holds one a line."""
     id: int
     profile: str
     article: str
@@ -287,14 +292,18 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
              compare_adapters_off: bool = True, spread_articles: int = 5, threshold: float = 5.0,
              batch_size: int = 16, max_new_tokens: int = 160, limit: int = 0, progress: bool = True,
              labels: tuple[str, str] = ("baseline", "model"), gguf: Sequence[str | Path] = (),
-             gguf_options: dict | None = None) -> dict:
+             gguf_options: dict | None = None, tensorboard: str | Path | None = None, step: int = 0) -> dict:
     """Evaluate `model` on an eval JSONL; write predictions.jsonl, metrics.json and eval_report.md.
 
     compare_adapters_off: also score the profile-awareness articles with the adapters disabled (the base
     model), side by side. baseline: a predictions.jsonl of another model for a two-column report, whose
     columns are headed by `labels` (baseline, this model). gguf: exported files to run through llama.cpp
     on the same prompts, each a column of the report beside the torch model, with its agreement and the
-    check of the prompts servers will build from it (`gguf_options` go to LlamaCppEngine)."""
+    check of the prompts servers will build from it (`gguf_options` go to LlamaCppEngine). tensorboard: a
+    folder (a run's out_dir/tensorboard) to add every column's metrics to as scalars at `step`.
+
+    Returns the metrics of the model (the dict written to metrics.json), with the GGUF columns under
+    "engines"; see `metrics` for what each holds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_eval_records(eval_path, limit)
@@ -329,6 +338,8 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     write_text(out / "metrics.json", json.dumps(result, indent=2))
     report = report_markdown(result, spreads, baseline_metrics, labels) + engines_markdown(labels[1], result, engines)
     write_text(out / "eval_report.md", report + bands_markdown(charts, {labels[1]: result, **engines}))
+    if tensorboard is not None:
+        log_generation_metrics(tensorboard, step, {labels[1]: result, **engines})
     return result
 
 

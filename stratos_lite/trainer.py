@@ -13,7 +13,6 @@ run_state.py, what a non-finite step reports in guard.py, and how checkpoints si
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import storage_errors_named, write_text
+from .atomic import write_text
 from .checkpoint import CheckpointWarning, newest_intact_checkpoint, read_checkpoint, restore_rng, save_checkpoint
 from .config import (
     ConfigError,
@@ -43,6 +42,7 @@ from .dora import has_dora, save_adapter
 from .guard import NonFiniteError, diagnosis, first_nonfinite_gradient, first_nonfinite_module, risky_flags
 from .heap import release_free_memory, released_every
 from .lock import LockError, OutDirLock
+from .metrics_log import MetricsLog
 from .model import Qwen3ForCausalLM
 from .preemption import Interrupted, StopRequests
 from .run_state import RunState, changes_since, data_identity
@@ -95,6 +95,7 @@ class Trainer:
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
         self.strategy = strategy_for(model, config)  # one process, DDP or FSDP: wraps or shards the model
+        self.log = MetricsLog(self.out_dir, config.log, writes=self.strategy.is_main)
         self.params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (apply_dora, or mode='full')")
@@ -108,7 +109,7 @@ class Trainer:
         """Train to the end (resuming from out_dir's newest checkpoint when there is one) and write the
         adapter or model, the summary and the loss curve. SIGTERM or SIGINT stops after the current step with
         a checkpoint (preemption.Interrupted); out_dir is locked against a second run for the duration."""
-        with self._out_dir_held():
+        with self._out_dir_held(), closing(self.log):
             return self._train()
 
     @contextmanager
@@ -258,10 +259,9 @@ class Trainer:
         return released_every(layers, every)
 
     def _log(self, record: dict, bar) -> None:
+        self.log.write(record)
         if not self.strategy.is_main:
             return
-        with storage_errors_named(self.out_dir / "metrics.jsonl"), open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.2f}",
                         tok_s=f"{record['tokens'] / record['step_seconds']:.0f}")
@@ -309,8 +309,7 @@ class Trainer:
         """Continue `run` from the newest intact checkpoint in out_dir, or start it afresh."""
         newest = newest_intact_checkpoint(self.out_dir, passed_over=self._warn_damaged)
         if newest is None:
-            if self.strategy.is_main:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self.log.start([])
             return
         saved = read_checkpoint(newest, self.model)
         run.recipe_changes = changes_since(saved.state, self.config, self.train_dataset, self.strategy.world_size)
@@ -323,8 +322,7 @@ class Trainer:
         self.strategy.restore_state(run.optimizer, saved.trainable, saved.optimizer_state)
         restore_rng(saved.rng)
         run.load_json(saved.state, self.strategy.rank)
-        if self.strategy.is_main:  # forget logged steps after the checkpoint: they are about to be redone
-            write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
+        self.log.start(run.metrics)  # steps logged after the checkpoint are forgotten: they are about to be redone
         self._print(f"resuming from {newest} (step {run.step})")
 
     def _warn_damaged(self, folder: Path, reason: str) -> None:

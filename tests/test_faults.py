@@ -117,14 +117,14 @@ def test_fault_checkpoint_write_error_leaves_older_checkpoints(demo_dir, tmp_pat
 
 
 def test_fault_metrics_log_write_error_names_the_log(demo_dir, tmp_path, monkeypatch):
-    import stratos_lite.trainer as trainer_module
+    import stratos_lite.metrics_log as metrics_log
 
     def full(path, mode="r", *args, **kwargs):
         if str(path).endswith("metrics.jsonl") and mode == "a":
             raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path))
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "open", full, raising=False)
+    monkeypatch.setattr(metrics_log, "open", full, raising=False)
     model, dataset, tok = build(str(demo_dir), dropout=0.0)
     with pytest.raises(WriteError, match=r"metrics\.jsonl: cannot write: Disk quota exceeded \[EDQUOT\]"):
         Trainer(model, dataset, quick_config(tmp_path), pad_id=tok.pad_id).train()
