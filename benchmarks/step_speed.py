@@ -124,6 +124,29 @@ def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: 
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, use_dora=True,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     times: list[float] = []
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in examples(shape["vocab_size"], seq, 64)]
+    transformers.Trainer(model=model, args=hf_arguments(out_dir, steps, dtype), train_dataset=rows,
+                         callbacks=[hf_step_timer(times)]).train()
+    return times
+
+
+def hf_arguments(out_dir: str, steps: int, dtype: str, batch: int = 0, accum: int = 0):
+    """HF Trainer's settings for the report's recipe (cosine, 5 % warmup, clip 1.0, checkpointing), nothing
+    saved, evaluated or logged."""
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch or BATCH, gradient_accumulation_steps=accum or ACCUM,
+        max_steps=steps, learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == "bfloat16", save_strategy="no", eval_strategy="no", report_to=[], logging_steps=10**6,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False)
+
+
+def hf_step_timer(times: list[float]):
+    """A TrainerCallback appending each optimizer step's seconds to `times` (the device synced at both ends)."""
+    import transformers
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -134,15 +157,7 @@ def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: 
             _sync()
             times.append(time.perf_counter() - self.start)
 
-    args = transformers.TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM, max_steps=steps,
-        learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == "bfloat16", save_strategy="no", eval_strategy="no", report_to=[], logging_steps=10**6,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in examples(shape["vocab_size"], seq, 64)]
-    transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[StepTimer()]).train()
-    return times
+    return StepTimer()
 
 
 def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy: str) -> None:

@@ -64,7 +64,7 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     """A temporary path beside `target` to write; renamed over `target` when the block ends without error,
     removed when it raises."""
     target = Path(target)
-    staging = target.with_name(f".{target.name}.partial")
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")  # two writers never share one
     try:
         with storage_errors_named(target):
             yield staging

@@ -42,6 +42,11 @@ class TrainConfig:
     band_sampling: bool = True
     contrastive_boost: float = 1.0  # > 1 draws contrastive-group examples more often within their band
     loss_denominator: str = "examples"  # or "weights"
+    # Packing (packing.py): a step's batch_size x grad_accum examples laid out whole in rows of at most
+    # pack_tokens tokens (unset: batch_size x max_len), one forward and backward a row, attention and
+    # positions per example: the same gradient without the padding.
+    packing: bool = False
+    pack_tokens: int | None = None
     verify_batches: int = 1000
     # Optimisation.
     batch_size: int = 2
@@ -124,6 +129,25 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def row_tokens(self) -> int:
+        """The most tokens a packed row holds: pack_tokens, or batch_size x max_len when it is unset."""
+        return self.pack_tokens or self.batch_size * self.max_len
+
+    def check_packing(self, lengths) -> None:
+        """With packing on, every example must fit a row; `lengths` are the examples' token counts (None when
+        the dataset cannot say)."""
+        if not self.packing:
+            return
+        if lengths is None:
+            raise ConfigError("packing", "packing = true needs each example's token count: give the dataset a "
+                                         "`lengths` attribute (a sequence of ints), as ScoredDataset has")
+        longest = max(lengths)
+        if longest > self.row_tokens:
+            raise ConfigError("pack_tokens", f"setting 'pack_tokens' = {self.row_tokens}"
+                              f"{'' if self.pack_tokens else ' (batch_size x max_len)'}: the longest example has "
+                              f"{longest} tokens and must fit one row; set pack_tokens >= {longest}")
+
 
 class ConfigError(ValueError):
     """A setting with a wrong type or value; `setting` names it, the message says what is allowed."""
@@ -144,6 +168,7 @@ def _is_number(value) -> bool:
 # Each annotation's test and its wording; then the allowed values of each setting beyond its type.
 _TYPES = {
     "int": (_is_int, "an integer"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
     "float": (_is_number, "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
@@ -171,6 +196,8 @@ _RANGES = {
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "targets": (bool, "not empty"),
     "max_len": _at_least(8),
+    "pack_tokens": (lambda v: v is None or v >= 1, ">= 1 and at least the longest example (unset: batch_size x "
+                    "max_len)"),
     "contrastive_boost": _POSITIVE_FINITE,
     "loss_denominator": _one_of("examples", "weights"),
     "verify_batches": _at_least(0),

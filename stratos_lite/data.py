@@ -123,6 +123,7 @@ class DatasetReport:
     contrastive_groups: int = 0
     contrastive_examples: int = 0
     sha256: str = ""  # of the JSONL file read (empty for data made in memory)
+    length_histogram: dict[str, int] = field(default_factory=dict)  # examples by token length, 128-token bins
 
     def write(self, folder: str | Path) -> None:
         """dataset_report.md (tables for people) and dataset_report.json (the same numbers for tools)."""
@@ -144,6 +145,8 @@ class DatasetReport:
                  f"covering {self.contrastive_examples} examples."]
         if self.skipped_lines:
             rows.append("Skipped lines: " + ", ".join(f"{k}: {v}" for k, v in self.skipped_lines.items()) + ".")
+        rows += ["", "| tokens | examples |", "|---|---:|"]
+        rows += [f"| {span} | {count} |" for span, count in self.length_histogram.items()]
         rows += ["", "| profile | examples |", "|---|---:|"]
         rows += [f"| {name} | {count} |" for name, count in sorted(self.profiles.items())]
         return "\n".join(rows) + "\n"
@@ -331,6 +334,11 @@ class ScoredDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Each example's token count (what packing lays out)."""
+        return [len(e.input_ids) for e in self.examples]
+
     def __getitem__(self, index: int) -> dict:
         e = self.examples[index]
         return {"input_ids": e.input_ids, "labels": e.labels, "weight": e.weight, "band": e.band}
@@ -360,7 +368,15 @@ def build_report(source: str, examples: Sequence[Example], bands: Sequence[Band]
         token_lengths={f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
         truncated=truncated, did_not_fit=did_not_fit, skipped_lines=dict(skipped or {}),
         contrastive_groups=len(groups), contrastive_examples=sum(len(g) for g in groups),
+        length_histogram=length_histogram(lengths.tolist()),
     )
+
+
+def length_histogram(lengths: Sequence[int], width: int = 128) -> dict[str, int]:
+    """How many examples fall in each `width`-token span of lengths ("1-128": n, "129-256": n, ...), empty
+    spans between included: the shape of the data that padding wastes and packing recovers."""
+    counts = Counter((length - 1) // width for length in lengths if length > 0)
+    return {f"{k * width + 1}-{(k + 1) * width}": counts[k] for k in range(max(counts, default=-1) + 1)}
 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -83,3 +84,21 @@ class OutDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def held_by_rank0(out_dir: str | Path, strategy):
+    """out_dir's lock for a run's duration, held by rank 0 (the rank that writes); when rank 0 is refused,
+    every rank stops before the run's first collective (`strategy.any_rank` decides it together)."""
+    lock, refused = OutDirLock(out_dir), None
+    if strategy.is_main:
+        try:
+            lock.acquire()
+        except LockError as error:
+            refused = error
+    if strategy.any_rank(refused is not None):
+        raise refused or LockError(f"{out_dir}: rank 0 could not take the out_dir's lock")
+    try:
+        yield
+    finally:
+        lock.release()

@@ -7,6 +7,7 @@ names with a prefix.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,6 +167,28 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A packed row (batch 1) of whole examples of these lengths: each attends causally to itself only.
+
+    Passed where an attention mask goes. Attention runs once per example on its own slice of q, k and v, so a
+    row costs the sum of its examples' T^2 rather than the row's T^2 and needs no mask, which keeps the fast
+    kernels (flash on GPUs and CPUs, which refuse arbitrary masks) in play."""
+    lengths: tuple[int, ...]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        ends = list(itertools.accumulate(self.lengths))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -> torch.Tensor:
+    """SDPA under `mask`: None for causal attention over the call's tokens, a boolean mask, or Segments."""
+    if isinstance(mask, Segments):
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                         enable_gqa=gqa) for s, e in mask.bounds()], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
@@ -187,8 +210,7 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        out = attend(q, k, v, mask, gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -287,7 +309,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Logits for `input_ids` (b, t).
 
         attention_mask: a boolean (b, 1, t, keys) mask for SDPA, True where attention is allowed; None means
-        plain causal attention over this call's tokens (training, right padding). logits_mask: a boolean
+        plain causal attention over this call's tokens (training, right padding); Segments for a packed row
+        of examples (with position_ids restarting at 0 for each). logits_mask: a boolean
         (b, t) mask; when given, only those positions go through the vocabulary projection and the result
         is (n, vocab) in row-major order, which saves most of the lm_head's time and memory in training.
         """

@@ -18,6 +18,7 @@ number of positions as a slice.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -33,6 +34,7 @@ from .config import TrainConfig, attention_kernel, compute_dtype, default_device
 from .data import IGNORE_INDEX, ScoredDataset, read_training_data
 from .dora import apply_dora, dora_layers
 from .model import Qwen3Config, Qwen3ForCausalLM
+from .packing import PaddingEstimate, estimate_padding
 from .weights import parse_size
 
 GB = 1e9
@@ -165,12 +167,15 @@ class DataShape:
     longest_completion: int
     mean_tokens: float
     source: str
+    lengths: list[int] = field(default_factory=list)  # each example's tokens (what packing lays out)
+    completion_share: float = 1.0  # the largest share of an example's tokens that are completion
 
     @classmethod
     def of(cls, dataset: ScoredDataset) -> DataShape:
         lengths = [len(e.input_ids) for e in dataset.examples]
         completions = [int((e.labels != IGNORE_INDEX).sum()) for e in dataset.examples]
-        return cls(len(lengths), max(lengths), max(completions), sum(lengths) / len(lengths), dataset.report.source)
+        return cls(len(lengths), max(lengths), max(completions), sum(lengths) / len(lengths), dataset.report.source,
+                   lengths, max(c / n for c, n in zip(completions, lengths, strict=True)))
 
 
 @dataclass
@@ -208,6 +213,8 @@ class Plan:
     per_rank: dict[str, int] = field(default_factory=dict)  # predicted peak per rank by strategy (ranks > 1)
     heap_release: str = "off"  # TrainConfig.heap_release: whether CPU RSS is held near the live peak
     notes: list[str] = field(default_factory=list)
+    packing: Packing | None = None  # with TrainConfig.packing: the rows (batch_size and seq are one row's)
+    unpacked_padding: PaddingEstimate | None = None  # without packing, when the data was read
 
     def cpu_rss_note(self) -> str:
         """How peak RSS compares with the plan on a CPU, as benchmarks/plan_accuracy.py measured it."""
@@ -217,6 +224,21 @@ class Plan:
         return ("the peak counts live tensors (what a GPU allocator reports); on a CPU glibc's heap keeps freed "
                 "blocks resident and peak RSS measured 1.15-1.69x this figure, within 10 % of it with heap_release "
                 "'layers' (benchmarks/RESULTS.md, plan accuracy)")
+
+    @property
+    def batch_text(self) -> str:
+        if self.packing:
+            return f"batch {self.batch_size} packed in rows of up to {self.seq} tokens"
+        return f"batch {self.batch_size} x {self.seq} tokens"
+
+    @property
+    def forward_shape(self) -> str:
+        """One forward's shape: batch x tokens, or a packed row's tokens."""
+        return f"1 x {self.seq} (a packed row)" if self.packing else f"{self.batch_size} x {self.seq}"
+
+    @property
+    def padding(self) -> PaddingEstimate | None:
+        return self.packing.estimate if self.packing else self.unpacked_padding
 
     @property
     def fits(self) -> bool:
@@ -238,7 +260,9 @@ class Plan:
         if self.fits:
             return ""
         options = []
-        if self.max_batch_size >= 1 and self.max_batch_size < self.batch_size:
+        if self.packing and self.data and self.data.longest <= self.packing.largest_fitting < self.seq:
+            options.append(f"pack_tokens = {self.packing.largest_fitting} (rows of fewer tokens, more of them)")
+        if not self.packing and 1 <= self.max_batch_size < self.batch_size:
             accum = math.ceil(self.batch_size * self.grad_accum / self.max_batch_size)
             options.append(f"batch_size = {self.max_batch_size} with grad_accum = {accum} (the same examples per "
                            "step)")
@@ -253,7 +277,7 @@ class Plan:
         trainable_share = 100 * self.params_trainable / max(self.params_base, 1)
         lines = [
             f"plan: {self.model}; {self.mode}, {self.dtype}, gradient checkpointing {self.checkpointing}; "
-            f"batch {self.batch_size} x {self.seq} tokens, {self.completions} completion positions; "
+            f"{self.batch_text}, {self.completions} completion positions; "
             f"accumulation {self.grad_accum}; {self.world_size} rank(s); per rank"
             + ("" if self.memory_source == "given" else f" on {self.device}"),
             f"  parameters      {self.params_base:,} in the model, {self.params_trainable:,} trainable "
@@ -262,7 +286,7 @@ class Plan:
             f"  adapters        {_gb(self.adapters)}   trainable tensors, fp32" if self.mode != "full" else None,
             f"  gradients       {_gb(self.gradients)}   fp32",
             f"  optimizer       {_gb(self.optimizer)}   AdamW: two fp32 moments per trainable value",
-            f"  activations     {_gb(self.activations)}   saved for backward at {self.batch_size} x {self.seq} "
+            f"  activations     {_gb(self.activations)}   saved for backward at {self.forward_shape} "
             f"({self.checkpointing}); {self.activations_no_checkpointing / GB:.2f} GB without checkpointing",
             f"  logits          {_gb(self.logits)}   at {self.completions} completion positions (logits, fp32 "
             "copy, log-softmax)",
@@ -270,12 +294,15 @@ class Plan:
             f"{self.vocabulary_peak / GB:.2f} GB the vocabulary projection",
             f"  predicted peak  {_gb(self.peak)}   of {self.memory / GB:.2f} GB ({self.memory_source}): "
             + ("fits" if self.fits else "DOES NOT FIT"),
-            f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}",
+            (f"  largest pack_tokens that fits: {self.packing.largest_fitting:,}" if self.packing else
+             f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}"),
             f"  tokens per optimizer step {self.tokens_per_step:,}"
             + (f" ({self.data.mean_tokens:.0f} per example on average in {self.data.source}, "
                f"{self.data.examples:,} examples); {self.steps_per_epoch:,} steps per epoch"
                if self.data else " (every example at max_len: the data was not read)"),
         ]
+        if self.padding is not None:
+            lines.append(f"  padding         {self.padding.describe()}")
         if self.seconds_per_step is not None:
             lines.append(f"  probe           {self.seconds_per_step:.2f} s per step (median of {self.probe_steps} "
                          f"steps after the first): {format_duration(self.projected_seconds)} for "
@@ -409,8 +436,13 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         notes.append(f"train_data {config.train_data!r} was not read: every example is taken as max_len tokens, "
                      "all of them completion (the worst case)")
     dtype = compute_dtype(config.dtype, device)
-    seq = data.longest if data else config.max_len
-    completion_len = data.longest_completion if data else seq
+    if config.packing and data:
+        config.check_packing(data.lengths)  # before anything is loaded
+    # A micro-batch: batch_size examples padded to the longest, or one packed row of up to pack_tokens tokens
+    # of which at most the data's largest completion share are completion positions (all, unread).
+    share = data.completion_share if data else 1.0
+    seq = config.row_tokens if config.packing else (data.longest if data else config.max_len)
+    completion_len = math.ceil(seq * share) if config.packing else (data.longest_completion if data else seq)
     simulator = _Simulator(model_config, config, dtype)
     counts = _count(simulator.model, config.mode)
     gradients = 4 * counts.trainable
@@ -425,22 +457,35 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         return {"ddp": replica + gradients,  # DDP's buckets hold a second copy of the gradients
                 "fsdp": _fsdp_peak(simulator.model, counts, world_size, accumulating, activity.peak)}
 
-    def peak_at(batch: int) -> tuple[int, Activity]:
-        activity = simulator.micro_batch(batch, seq, batch * completion_len, with_grads=accumulating)
+    def peak_at(batch: int, tokens: int = seq) -> tuple[int, Activity]:
+        completions = batch * (completion_len if tokens == seq else math.ceil(tokens * share))
+        activity = simulator.micro_batch(batch, tokens, completions, with_grads=accumulating)
         peaks = strategies(activity)
         return peaks.get(config.strategy, peaks.get("one process")), activity
 
-    batch, completions = config.batch_size, config.batch_size * completion_len
+    batch = 1 if config.packing else config.batch_size
+    completions = batch * completion_len
     peak, activity = peak_at(batch)
     per_rank = strategies(activity) if world_size > 1 else {}
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
     saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
+    if isinstance(memory, str) and (decimal := re.fullmatch(r"\s*([\d.]+)\s*GB\s*", memory, re.IGNORECASE)):
+        number = decimal.group(1)
+        notes.append(f"memory {memory!r} is read as {available:,} bytes (GB = 10^9), {available / 2**30:.2f} GiB; "
+                     f"cards report GiB, and a {number} GiB card holds {float(number) * 2**30 / 1e9:.2f} GB: "
+                     f"write {number}GiB for it")
+    packing = unpacked_padding = None
+    if config.packing:
+        packing = Packing(seq, _largest_row(lambda tokens: peak_at(1, tokens)[0], available, (seq, peak)),
+                          _padding_of(config, data))
+    else:
+        unpacked_padding = _padding_of(config, data)
     return Plan(
         model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
               f"{model_config.hidden_size}, vocabulary {model_config.vocab_size:,})",
         mode="full" if config.mode == "full" else f"DoRA r{config.rank} on {', '.join(config.targets)}",
-        dtype=str(dtype).removeprefix("torch."), device=device.type, batch_size=batch, seq=seq,
+        dtype=str(dtype).removeprefix("torch."), device=device.type, batch_size=config.batch_size, seq=seq,
         completions=completions, grad_accum=config.grad_accum, world_size=world_size,
         checkpointing=config.checkpoint_policy if config.gradient_checkpointing else "off",
         params_base=counts.base, params_trainable=counts.trainable,
@@ -450,7 +495,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
         vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
         max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
-        per_rank=per_rank, heap_release=config.heap_release,
+        per_rank=per_rank, heap_release=config.heap_release, packing=packing, unpacked_padding=unpacked_padding,
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
 
@@ -467,6 +512,40 @@ def _fsdp_peak(model: Qwen3ForCausalLM, counts: ParameterCounts, ranks: int, acc
     gradients = 4 * counts.trainable
     sharded = (counts.weight_bytes + counts.trainable_bytes + 2 * gradients) // ranks
     return sharded + root + 2 * layer + (gradients if accumulating else gradients // ranks) + step_peak
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The plan of a packed run: rows of `row_tokens` (the micro-batch simulated), the largest that fits."""
+    row_tokens: int
+    largest_fitting: int
+    estimate: PaddingEstimate | None  # rows per step from the data's real lengths (None: data not read)
+
+
+def _padding_of(config: TrainConfig, data: DataShape | None) -> PaddingEstimate | None:
+    """Padding unpacked and rows packed, from the data's real lengths (None when the data was not read)."""
+    if data is None or not data.lengths:
+        return None
+    return estimate_padding(data.lengths, config.batch_size, config.grad_accum, max(config.row_tokens, data.longest))
+
+
+def _largest_row(peak_of, memory: int, known: tuple[int, int], limit: int = 1 << 20) -> int:
+    """The largest packed row (tokens) whose predicted peak fits `memory` (0 if none does): doubling from a
+    known point, then bisection to within 1 %. Attention under the math kernel grows as T^2, so no line."""
+    tokens, peak = known
+    low, high = (tokens, None) if peak <= memory else (0, tokens)
+    while high is None:
+        if low >= limit:
+            return limit
+        candidate = min(2 * low, limit)
+        if peak_of(candidate) <= memory:
+            low = candidate
+        else:
+            high = candidate
+    while high - low > max(1, low // 100):
+        middle = (low + high) // 2
+        low, high = (middle, high) if peak_of(middle) <= memory else (low, middle)
+    return low
 
 
 def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:

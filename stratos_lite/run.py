@@ -16,6 +16,7 @@ from .config import TrainConfig, compute_dtype, default_device
 from .data import ScoredDataset, read_training_data
 from .distributed import init_distributed, load_sharded
 from .dora import apply_dora
+from .packing import estimate_padding
 from .plan import Plan
 from .tokenizer import Tokenizer
 from .trainer import Trainer, TrainResult
@@ -29,7 +30,7 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
     # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
     dtype = compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
     tokenizer = Tokenizer.from_pretrained(config.model)
-    _, world_size = init_distributed()  # before loading: a sharded load needs the process group
+    rank, world_size = init_distributed()  # before loading: a sharded load needs the process group
     if config.strategy == "fsdp" and world_size > 1:
         model = load_sharded(config.model, config, dtype, device)  # no rank ever holds the whole model
     else:
@@ -38,8 +39,12 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
             say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
     if train is None:
         train = read_training_data(config)
-    train.report.write(config.out_dir)
+    if rank == 0:
+        train.report.write(config.out_dir)
     say(train.report.to_markdown())
+    say("padding: " + estimate_padding(train.lengths, config.batch_size, config.grad_accum,
+                                       max(config.row_tokens, max(train.lengths))).describe()
+        + ("" if config.packing else " (packing = true would remove it)"))
     evaluation = (ScoredDataset.from_jsonl(config.eval_data, tokenizer, max_len=config.max_len)
                   if config.eval_data and config.eval_every else None)
     return Trainer(model, train, config, eval_dataset=evaluation, pad_id=tokenizer.pad_id).train()

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .atomic import write_text
+
+if TYPE_CHECKING:  # for the annotations only
+    from .config import TrainConfig
 
 
 def example_probabilities(bands: Sequence[int], target_shares: Sequence[float],
@@ -123,3 +127,24 @@ def format_verification(result: dict) -> str:
                  f"(L1 {result['l1_to_target']:.3f} and {result['l1_to_raw']:.3f}): "
                  f"{'PASSED' if result['passed'] else 'FAILED'}")
     return "\n".join(lines)
+
+
+def sampler_for(dataset, config: TrainConfig, rank: int = 0, world_size: int = 1) -> BandSampler:
+    """The run's sampler: band-weighted when config.band_sampling and the dataset has bands (ScoredDataset),
+    else uniform (one band holding every example); contrastive groups boosted as config asks."""
+    bands = getattr(dataset, "band_ids", None)
+    if config.band_sampling and bands is not None:
+        shares = [b.target_share for b in dataset.bands]
+    else:
+        bands, shares = [0] * len(dataset), [1.0]
+    boost = dataset.contrastive_boost(config.contrastive_boost) if config.contrastive_boost != 1.0 else None
+    return BandSampler(bands, shares, seed=config.seed, boost=boost, rank=rank, world_size=world_size)
+
+
+def verify_for(dataset, config: TrainConfig, sampler: BandSampler, world_size: int, path: Path) -> dict | None:
+    """verify_sampler over config.verify_batches global batches, written to `path`; None when band sampling is
+    off, the dataset has no bands, or verify_batches is 0."""
+    if not (config.band_sampling and hasattr(dataset, "bands") and config.verify_batches > 0):
+        return None
+    return verify_sampler(sampler, [b.name for b in dataset.bands], [b.target_share for b in dataset.bands],
+                          config.verify_batches, config.batch_size * world_size, path)

@@ -12,6 +12,7 @@ The loop asks the same things of every strategy, so it reads the same whatever t
                              so a checkpoint written by N ranks resumes on any number
     is_main                  only rank 0 writes files; every rank joins each collective
     any_rank(flag)           ranks stop together (a signal, a lock refused), so none waits in a collective
+    max_over_ranks(n)        packed rows: every rank runs as many forwards as the rank with the most
 
 Under torchrun the strategy is TrainConfig.strategy ("ddp" or "fsdp"); a single process is `OneProcess`.
 """
@@ -65,6 +66,10 @@ class OneProcess:
         """Whether `flag` holds on any rank: ranks decide together to stop, so none is left in a collective."""
         return flag
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest `value` of any rank (how many packed rows every rank runs, so all join each collective)."""
+        return value
+
     def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -111,6 +116,11 @@ class AcrossRanks(OneProcess):
 
     def any_rank(self, flag: bool) -> bool:
         return bool(self.sum_over_ranks(torch.tensor(int(flag), device=self.device)) > 0)
+
+    def max_over_ranks(self, value: int) -> int:
+        largest = torch.tensor(value, device=self.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -18,7 +18,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +41,13 @@ from .data import IGNORE_INDEX, collate
 from .dora import has_dora, save_adapter
 from .guard import NonFiniteError, diagnosis, first_nonfinite_gradient, first_nonfinite_module, risky_flags
 from .heap import release_free_memory, released_every
-from .lock import LockError, OutDirLock
+from .lock import held_by_rank0
 from .metrics_log import MetricsLog
 from .model import Qwen3ForCausalLM
+from .packing import filler_row, pack_step
 from .preemption import Interrupted, StopRequests
 from .run_state import RunState, changes_since, data_identity
-from .sampler import BandSampler, format_verification, verify_sampler
+from .sampler import BandSampler, format_verification, sampler_for, verify_for
 from .strategy import strategy_for
 from .training_report import write_training_summary
 from .weights import save_pretrained
@@ -60,18 +61,24 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def example_losses(model: Callable[..., torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean token cross-entropy over each example's completion, shape (b,).
+def example_losses(model: Callable[..., torch.Tensor], batch: dict) -> torch.Tensor:
+    """Mean token cross-entropy over each example's completion, one value per example of the batch.
 
-    Only completion positions go through the vocabulary projection (most of a prompt never needs logits)."""
+    A padded batch (data.collate) holds an example a row; a packed row (packing.collate_packed) holds several,
+    named position by position in `example_of`, with positions and attention kept per example. Only completion
+    positions go through the vocabulary projection (most of a prompt never needs logits)."""
     targets = batch["labels"][:, 1:]
     select = torch.zeros_like(batch["labels"], dtype=torch.bool)
     select[:, :-1] = targets != IGNORE_INDEX
-    logits = model(batch["input_ids"], logits_mask=select)
+    logits = model(batch["input_ids"], logits_mask=select, position_ids=batch.get("position_ids"),
+                   attention_mask=batch.get("segments"))
     token_losses = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="none")
-    rows = select.nonzero()[:, 0]
-    counts = select.sum(dim=1)
-    sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, rows, token_losses)
+    if "example_of" in batch:
+        examples = batch["example_of"][select]
+        counts = torch.bincount(examples, minlength=len(batch["weight"]))
+    else:
+        examples, counts = select.nonzero()[:, 0], select.sum(dim=1)
+    sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, examples, token_losses)
     return sums / counts.clamp_min(1)
 
 
@@ -99,6 +106,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (apply_dora, or mode='full')")
+        config.check_packing(getattr(train_dataset, "lengths", None))
 
     def total_steps(self) -> int:
         return optimizer_steps(self.config, len(self.train_dataset), self.strategy.world_size)
@@ -109,24 +117,8 @@ class Trainer:
         """Train to the end (resuming from out_dir's newest checkpoint when there is one) and write the
         adapter or model, the summary and the loss curve. SIGTERM or SIGINT stops after the current step with
         a checkpoint (preemption.Interrupted); out_dir is locked against a second run for the duration."""
-        with self._out_dir_held(), closing(self.log):
+        with held_by_rank0(self.out_dir, self.strategy), closing(self.log):
             return self._train()
-
-    @contextmanager
-    def _out_dir_held(self):
-        """Rank 0 holds out_dir's lock; when it cannot, every rank stops before the first collective."""
-        lock, refused = OutDirLock(self.out_dir), None
-        if self.strategy.is_main:
-            try:
-                lock.acquire()
-            except LockError as error:
-                refused = error
-        if self.strategy.any_rank(refused is not None):
-            raise refused or LockError(f"{self.out_dir}: rank 0 could not take the out_dir's lock")
-        try:
-            yield
-        finally:
-            lock.release()
 
     def _train(self) -> TrainResult:
         config = self.config
@@ -156,8 +148,8 @@ class Trainer:
     def _train_one_step(self, run: RunState, draw, bar) -> None:
         """Draw the step's micro-batches, take the step, log it, evaluate and save when it is time."""
         config, t0 = self.config, time.perf_counter()
-        micro_batches = [collate([self.train_dataset[next(draw)] for _ in range(config.batch_size)], self.pad_id)
-                         for _ in range(config.grad_accum)]
+        micro_batches = self._layout([self.train_dataset[next(draw)]
+                                      for _ in range(config.batch_size * config.grad_accum)])
         lr = run.scheduler.get_last_lr()[0]
         loss, grad_norm, tokens = self._step(micro_batches, run.optimizer)
         run.step += 1
@@ -179,6 +171,15 @@ class Trainer:
         if run.step % config.save_every == 0 or run.step == self.total_steps():
             self._save(run)
 
+    def _layout(self, items: list[dict]) -> list[dict]:
+        """A step's drawn examples as its forwards: grad_accum padded micro-batches of batch_size, or packed
+        rows (packing.py), as many on every rank (filler rows where a rank's examples packed into fewer)."""
+        if not self.config.packing:
+            size = self.config.batch_size
+            return [collate(items[start:start + size], self.pad_id) for start in range(0, len(items), size)]
+        rows = pack_step(items, self.config.row_tokens)
+        return rows + [filler_row(self.pad_id)] * (self.strategy.max_over_ranks(len(rows)) - len(rows))
+
     def _step(self, micro_batches: list[dict], optimizer) -> tuple[float, float, int]:
         """Forward/backward every micro-batch against one denominator; clip; step unless non-finite."""
         config, strategy = self.config, self.strategy
@@ -190,7 +191,7 @@ class Trainer:
         tokens = 0
         for index, mb in enumerate(micro_batches):
             tokens += int(mb["lengths"].sum())  # counted on the CPU: no device sync per micro-batch
-            mb = {k: mb[k].to(self.device) for k in ("input_ids", "labels", "weight")}
+            mb = self._on_device(mb)
             self._release_heap()
             with (strategy.gradient_sync(last=index == len(micro_batches) - 1),
                   attention_kernel(config.attention_kernel)):
@@ -213,25 +214,14 @@ class Trainer:
     # -- around the loop ------------------------------------------------------------------------------------
 
     def _sampler(self) -> BandSampler:
-        dataset, config = self.train_dataset, self.config
-        bands = getattr(dataset, "band_ids", None)
-        if config.band_sampling and bands is not None:
-            shares = [b.target_share for b in dataset.bands]
-        else:  # uniform sampling: one band holding every example
-            bands, shares = [0] * len(dataset), [1.0]
-        boost = dataset.contrastive_boost(config.contrastive_boost) if config.contrastive_boost != 1.0 else None
-        return BandSampler(bands, shares, seed=config.seed, boost=boost, rank=self.strategy.rank,
-                           world_size=self.strategy.world_size)
+        return sampler_for(self.train_dataset, self.config, self.strategy.rank, self.strategy.world_size)
 
     def _verify_sampler(self, sampler: BandSampler) -> None:
-        dataset = self.train_dataset
-        wanted = self.config.band_sampling and hasattr(dataset, "bands") and self.config.verify_batches > 0
-        if not wanted or not self.strategy.is_main:  # every rank shares one global stream: rank 0 checks it
-            return
-        result = verify_sampler(sampler, [b.name for b in dataset.bands], [b.target_share for b in dataset.bands],
-                                self.config.verify_batches, self.config.batch_size * self.strategy.world_size,
+        if self.strategy.is_main:  # every rank shares one global stream: rank 0 checks it
+            result = verify_for(self.train_dataset, self.config, sampler, self.strategy.world_size,
                                 self.out_dir / "sampler_verification.json")
-        self._print(format_verification(result))
+            if result is not None:
+                self._print(format_verification(result))
 
     def _warn_about_environment(self) -> None:
         if self.config.dtype == "bfloat16" and not bf16_is_native(self.device):
@@ -239,6 +229,9 @@ class Trainer:
                         "times slower than float32; dtype = 'auto' picks float32 here.")
         for flag in risky_flags():
             self._print(f"WARNING: {flag} is set. Unset it if gradients go NaN.")
+
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "lengths"}
 
     def _print(self, text: str) -> None:
         if self.strategy.is_main:
@@ -359,7 +352,7 @@ class Trainer:
         def run_forwards():  # all of them: sharded ranks must run the same forwards
             for mb in micro_batches:
                 with self._autocast():
-                    self.model(mb["input_ids"].to(self.device))
+                    example_losses(self.model, self._on_device(mb))
 
         bad_parameter = first_nonfinite_gradient(self.model, self.params, self.strategy.local)
         report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards))

@@ -2,6 +2,7 @@
 
     python tests/train_child.py DATA_DIR OUT_DIR [--slow] [--batch-size B] [--dropout P] [--steps N]
                                 [--mode dora|full] [--strategy ddp|fsdp] [--cpu-offload] [--nan]
+                                [--pack-tokens N (packing on, rows of at most N tokens)]
 """
 
 import argparse
@@ -21,6 +22,7 @@ class SlowDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         self.dataset, self.bands, self.band_ids = dataset, dataset.bands, dataset.band_ids
+        self.lengths = dataset.lengths
 
     def __len__(self):
         return len(self.dataset)
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--nan", action="store_true", help="poison layer 1's MLP output (the NaN guard's test)")
+    parser.add_argument("--pack-tokens", type=int, default=0, help="packing = true with rows of this many tokens")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, dataset, tokenizer = build(args.data_dir, args.dropout, args.mode)
@@ -68,7 +71,8 @@ def main() -> None:
         model.model.layers[1].mlp.register_forward_hook(lambda module, inputs, out: out * float("nan"))
     config = TrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=2, lr=1e-3, max_steps=args.steps,
                          save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False,
-                         mode=args.mode, strategy=args.strategy, cpu_offload=args.cpu_offload)
+                         mode=args.mode, strategy=args.strategy, cpu_offload=args.cpu_offload,
+                         packing=args.pack_tokens > 0, pack_tokens=args.pack_tokens or None)
     Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
     exit_distributed()
 
