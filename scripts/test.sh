@@ -4,7 +4,9 @@
 # already have is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# TORCH_SPEC is split into words, so it may carry pip options: "torch --index-url URL" for ROCm or CUDA wheels.
+# shellcheck disable=SC2086
+python -c "import torch" 2>/dev/null || python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 bash scripts/install_llama_cpp.sh   # the GGUF oracle, built for any x86-64 CPU (not -march=native)
 python -m pip install -q -e ".[dev]"
 python -m pytest -q "$@"

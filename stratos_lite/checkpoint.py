@@ -56,19 +56,31 @@ def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+def capture_rng() -> dict:
+    """This process's random number generators: torch's CPU generator, its own GPU's (the current device:
+    each rank has set its own), Python's."""
     version, internal, gauss = random.getstate()
-    return tensors, {"python": [version, list(internal), gauss]}
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "python": [version, list(internal), gauss]}
+
+
+def _rng_files(rng_by_rank: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every rank's generators as tensors (rng.safetensors: rank{r}.torch, rank{r}.cuda) and JSON."""
+    tensors = {}
+    for rank, rng in enumerate(rng_by_rank):
+        tensors[f"rank{rank}.torch"] = rng["torch"]
+        if rng["cuda"] is not None:
+            tensors[f"rank{rank}.cuda"] = rng["cuda"]
+    return tensors, {"python": [rng["python"] for rng in rng_by_rank], "ranks": len(rng_by_rank)}
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable: dict[str, torch.Tensor],
-                    optimizer_state: dict, state: dict, keep: int, base_model_name_or_path: str = "") -> Path:
+                    optimizer_state: dict, state: dict, keep: int, base_model_name_or_path: str = "",
+                    rng_by_rank: list[dict] | None = None) -> Path:
     """Write checkpoint-{step} atomically, then keep only the newest `keep` checkpoints. `trainable` and
     `optimizer_state` are whole (the strategy's whole_state), so the checkpoint does not depend on how many
-    ranks wrote it; `model` names the DoRA layers for the adapter."""
+    ranks wrote it; `model` names the DoRA layers for the adapter; `rng_by_rank` holds each rank's generators
+    (capture_rng; default: this process's)."""
     out = Path(out_dir)
     final = out / f"checkpoint-{step:06d}"
     # A checkpoint of the same step may exist from an earlier run that was interrupted, or whose copy was
@@ -78,7 +90,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable:
         save_file({k: v.cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
         optimizer_tensors, optimizer_json = _optimizer_tensors(optimizer_state)
         save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
-        rng_tensors, rng_json = _rng_tensors()
+        rng_tensors, rng_json = _rng_files(rng_by_rank or [capture_rng()])
         save_file(rng_tensors, str(staging / "rng.safetensors"))
         (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
                                                        indent=1))
@@ -168,14 +180,18 @@ def read_checkpoint(folder: str | Path, model: nn.Module) -> SavedCheckpoint:
     return SavedCheckpoint(trainable, optimizer_state, state, rng)
 
 
-def restore_rng(rng: dict) -> None:
-    """Put back the random number generators' states a checkpoint saved, so dropout continues exactly."""
+def restore_rng(rng: dict, rank: int = 0, world_size: int = 1) -> None:
+    """Put back this rank's generators as the checkpoint saved them, so dropout continues exactly. Resumed on
+    another number of ranks, the draws cannot continue as they were; every rank then takes rank 0's."""
     tensors = rng["tensors"]
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = rng["python"]
+    if "torch" in tensors:  # written before checkpoints kept every rank's generators: rank 0's only
+        tensors = {"rank0.torch": tensors["torch"], "rank0.cuda": tensors.get("cuda.0")}
+        rng = {**rng, "python": [rng["python"]], "ranks": 1}
+    own = rank if rng.get("ranks") == world_size else 0
+    torch.set_rng_state(tensors[f"rank{own}.torch"])
+    if tensors.get(f"rank{own}.cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rank{own}.cuda"])
+    version, internal, gauss = rng["python"][own]
     random.setstate((version, tuple(internal), gauss))
 
 

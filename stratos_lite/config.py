@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tomllib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,10 @@ class TrainConfig:
     # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
     attention_kernel: str = "sdpa"
     seed: int = 0
+    # Bitwise reruns: a CPU run is deterministic as it is. On a GPU, true turns on PyTorch's deterministic
+    # algorithms for the run (and CUBLAS_WORKSPACE_CONFIG) and sums each example's token losses without atomic
+    # adds; it costs speed there.
+    deterministic: bool = False
     # Several ranks (torchrun): "ddp" keeps a whole replica per rank; "fsdp" shards parameters, gradients and
     # optimizer state across ranks (FSDP2), optionally keeping parameters in CPU memory between uses.
     strategy: str = "ddp"
@@ -246,11 +250,12 @@ def _parse_value(raw: str):
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16, and CPUs with AVX512-BF16
-    or AMX (what oneDNN checks). On other CPUs bf16 is emulated: a demo step measured 25x slower than fp32 on
-    an AVX2-only AMD EPYC (benchmarks/dtype_speed.py)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16 natively (not emulated:
+    pre-Ampere NVIDIA cards emulate it), and CPUs with AVX512-BF16 or AMX (what oneDNN checks). On other
+    CPUs bf16 is emulated: a demo step measured 25x slower than fp32 on an AVX2-only AMD EPYC
+    (benchmarks/dtype_speed.py)."""
+    if device.type == "cuda":  # the current device: each rank has set its own
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return True
@@ -267,6 +272,21 @@ def attention_kernel(setting: str):
     """The context a training forward and backward run under for TrainConfig.attention_kernel. The backward
     runs under it too: gradient checkpointing recomputes forwards there."""
     return sdpa_kernel(SDPBackend.MATH) if setting == "math" else nullcontext()
+
+
+@contextmanager
+def deterministic_algorithms(wanted: bool):
+    """PyTorch's deterministic algorithms for the block when `wanted` (TrainConfig.deterministic), as before after."""
+    if not wanted:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for repeatable results
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def optimizer_steps(config: TrainConfig, examples: int, world_size: int = 1) -> int:
@@ -291,7 +311,7 @@ def default_device() -> torch.device:
 NOT_RECIPE = frozenset({
     "out_dir", "eval_data", "progress", "save_every", "keep_checkpoints", "heap_release", "heap_release_every",
     "eval_every", "eval_examples", "verify_batches", "max_nonfinite_steps", "gradient_checkpointing",
-    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change", "log",
+    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change", "log", "deterministic",
 })
 
 

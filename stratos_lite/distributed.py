@@ -31,19 +31,29 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .config import TrainConfig
+from .config import TrainConfig, default_device
 from .dora import apply_dora, dora_layers, initialise_adapter, layer_generator
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .weights import checkpoint_tensors
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size): joins the process group when torchrun started this process (NCCL/RCCL on GPUs,
-    each rank on its own device; gloo on CPUs), else (0, 1)."""
+def process_group_backend(device: torch.device) -> str:
+    """The collective backend for a model on `device`: NCCL (RCCL on ROCm) for a GPU, gloo for the CPU, even on
+    a host with GPUs (NCCL cannot reduce CPU tensors)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size): joins the process group when torchrun started this process, with the backend of
+    the model's `device` (default: this rank's GPU, else the CPU), each GPU rank bound to its own device;
+    else (0, 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = device or default_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

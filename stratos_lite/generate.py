@@ -21,7 +21,9 @@ def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is not None:  # drawn where the generator lives (a CPU generator for a GPU model, say)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:

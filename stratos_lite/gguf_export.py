@@ -62,8 +62,10 @@ class RowBlocks:
         return cls.of_tensor(module.weight.detach())
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) a block at a time, on the CPU: a model on a GPU is exported block by block,
+        never whole in host memory."""
         for start in range(0, self.shape[0], self.block_rows):
-            yield start, self.rows(start, start + self.block_rows)
+            yield start, self.rows(start, start + self.block_rows).cpu()
 
     def whole(self) -> torch.Tensor:
         return torch.cat([block for _, block in self.blocks()])

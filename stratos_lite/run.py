@@ -30,7 +30,7 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
     # A frozen base is stored in the compute dtype; trained weights (mode "full") stay in fp32.
     dtype = compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
     tokenizer = Tokenizer.from_pretrained(config.model)
-    rank, world_size = init_distributed()  # before loading: a sharded load needs the process group
+    rank, world_size = init_distributed(device)  # before loading: a sharded load needs the process group
     if config.strategy == "fsdp" and world_size > 1:
         model = load_sharded(config.model, config, dtype, device)  # no rank ever holds the whole model
     else:

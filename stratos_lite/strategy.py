@@ -100,6 +100,10 @@ class OneProcess:
         """Every parameter whole, for a model folder, or None where the model's own tensors are whole."""
         return None
 
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None on the others)."""
+        return [value]
+
     def barrier(self) -> None:
         pass
 
@@ -121,6 +125,11 @@ class AcrossRanks(OneProcess):
         largest = torch.tensor(value, device=self.device)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         return int(largest)
+
+    def gather_to_main(self, value) -> list | None:
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
 
     def barrier(self) -> None:
         dist.barrier()
@@ -175,7 +184,7 @@ class Sharded(AcrossRanks):
 def strategy_for(model: nn.Module, config: TrainConfig) -> OneProcess:
     """The strategy of this process: joins torchrun's process group when there is one, then wraps or shards
     `model` as config.strategy says."""
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(next(model.parameters()).device)
     if world_size == 1:
         return OneProcess(model)
     if config.strategy == "fsdp":

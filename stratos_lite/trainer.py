@@ -28,13 +28,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import write_text
-from .checkpoint import CheckpointWarning, newest_intact_checkpoint, read_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    CheckpointWarning,
+    capture_rng,
+    newest_intact_checkpoint,
+    read_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import (
     ConfigError,
     TrainConfig,
     attention_kernel,
     bf16_is_native,
     compute_dtype,
+    deterministic_algorithms,
     optimizer_steps,
 )
 from .data import IGNORE_INDEX, collate
@@ -78,7 +86,10 @@ def example_losses(model: Callable[..., torch.Tensor], batch: dict) -> torch.Ten
         counts = torch.bincount(examples, minlength=len(batch["weight"]))
     else:
         examples, counts = select.nonzero()[:, 0], select.sum(dim=1)
-    sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, examples, token_losses)
+    if torch.are_deterministic_algorithms_enabled():  # TrainConfig.deterministic: no atomic adds on a GPU
+        sums = torch.segment_reduce(token_losses, "sum", lengths=counts, unsafe=True)
+    else:
+        sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, examples, token_losses)
     return sums / counts.clamp_min(1)
 
 
@@ -117,7 +128,8 @@ class Trainer:
         """Train to the end (resuming from out_dir's newest checkpoint when there is one) and write the
         adapter or model, the summary and the loss curve. SIGTERM or SIGINT stops after the current step with
         a checkpoint (preemption.Interrupted); out_dir is locked against a second run for the duration."""
-        with held_by_rank0(self.out_dir, self.strategy), closing(self.log):
+        with (held_by_rank0(self.out_dir, self.strategy), closing(self.log),
+              deterministic_algorithms(self.config.deterministic)):
             return self._train()
 
     def _train(self) -> TrainResult:
@@ -291,11 +303,12 @@ class Trainer:
     def _save(self, run: RunState) -> None:
         """A checkpoint of `run`: every rank takes part in gathering whole state, rank 0 writes it."""
         trainable, optimizer_state = self.strategy.whole_state(run.optimizer)
+        rng_by_rank = self.strategy.gather_to_main(capture_rng())  # each rank continues its own dropout draws
         if self.strategy.is_main:
             state = {**run.to_json(), "config": self.config.to_dict(), "world_size": self.strategy.world_size,
                      "data": data_identity(self.train_dataset)}
             save_checkpoint(self.out_dir, run.step, self.model, trainable, optimizer_state, state,
-                            self.config.keep_checkpoints, self.config.model)
+                            self.config.keep_checkpoints, self.config.model, rng_by_rank)
         self.strategy.barrier()
 
     def _resume(self, run: RunState) -> None:
@@ -313,7 +326,7 @@ class Trainer:
         for change in run.recipe_changes:
             self._print(f"WARNING: resuming with a changed recipe: {change}")
         self.strategy.restore_state(run.optimizer, saved.trainable, saved.optimizer_state)
-        restore_rng(saved.rng)
+        restore_rng(saved.rng, self.strategy.rank, self.strategy.world_size)
         run.load_json(saved.state, self.strategy.rank)
         self.log.start(run.metrics)  # steps logged after the checkpoint are forgotten: they are about to be redone
         self._print(f"resuming from {newest} (step {run.step})")

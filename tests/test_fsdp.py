@@ -87,11 +87,14 @@ def worker_pids(launcher: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()]
 
 
-def test_fsdp_resume_after_sigkill_continues_identically(demo_dir, tmp_path):
-    run_ranks(two_ranks(demo_dir, tmp_path / "straight"))
+@pytest.mark.parametrize("extra", [[], ["--strategy", "ddp", "--dropout", "0.1"]], ids=["fsdp", "ddp-dropout"])
+def test_fsdp_resume_after_sigkill_continues_identically(demo_dir, tmp_path, extra):
+    """With dropout, each rank draws its own masks: a checkpoint keeps every rank's generators, and each rank
+    resumes its own."""
+    run_ranks(two_ranks(demo_dir, tmp_path / "straight", *extra))
     interrupted = tmp_path / "interrupted"
-    launcher = subprocess.Popen(two_ranks(demo_dir, interrupted, slow=True), env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(two_ranks(demo_dir, interrupted, *extra, slow=True), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (interrupted / "checkpoint-000004").exists() and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -100,7 +103,7 @@ def test_fsdp_resume_after_sigkill_continues_identically(demo_dir, tmp_path):
     launcher.wait(timeout=60)
     assert [p.name for p in checkpoints(interrupted)][-1] == "checkpoint-000004"
     assert not (interrupted / "adapter").exists()
-    run_ranks(two_ranks(demo_dir, interrupted))
+    run_ranks(two_ranks(demo_dir, interrupted, *extra))
     assert losses(interrupted) == losses(tmp_path / "straight")
     straight, resumed = final_tensors(tmp_path / "straight", "dora"), final_tensors(interrupted, "dora")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
