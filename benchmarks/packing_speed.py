@@ -3,6 +3,7 @@ the report's stack) in the same run.
 
     python benchmarks/packing_speed.py                         # Qwen3-0.6B's shape, bf16, DoRA r16, 2 x 8
     python benchmarks/packing_speed.py --shape small --steps 4 # a quick look
+    python benchmarks/packing_speed.py --profile               # where one packed row's time goes
 
 The lengths. The report's training set is 18,502 records in 28 MB: about 1,500 bytes a record, most of it
 the article. Around 4 bytes a token, plus the 47-token system prompt, the ChatML scaffolding, the profile and
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["padded", "packed", "hf"])
     parser.add_argument("--data")
     parser.add_argument("--tokenizer")
+    parser.add_argument("--profile", action="store_true", help="profile one packed row's forward and backward")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.shape, Path(args.data), Path(args.tokenizer), args.steps)
@@ -167,7 +169,34 @@ def main() -> None:
         work = Path(work)
         tokenizer = qwen3_tokenizer(work)
         write_records(work / "train.jsonl", tokenizer, args.records)
-        report(args, work, tokenizer)
+        (profile_row if args.profile else report)(args, work, tokenizer)
+
+
+def profile_row(args: argparse.Namespace, work: Path, tokenizer) -> None:
+    """torch.profiler's table of the first packed row of one step (forward, recompute, backward)."""
+    import stratos_lite as sl
+    from stratos_lite.packing import pack_step
+    from stratos_lite.trainer import example_losses
+
+    dataset = sl.ScoredDataset.from_jsonl(work / "train.jsonl", tokenizer, max_len=MAX_LEN)
+    torch.manual_seed(0)
+    shape = {**SHAPES[args.shape], "vocab_size": max(SHAPES[args.shape]["vocab_size"], tokenizer.vocab_size)}
+    model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**shape)).to(device(), torch.bfloat16)
+    sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
+    model.set_gradient_checkpointing(True)
+    row = pack_step([dataset[i] for i in draws(dataset, 1)], BATCH * MAX_LEN)[0]
+    print(f"a packed row of {int(row['lengths'])} tokens, {len(row['weight'])} examples")
+    row = {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in row.items() if k != "lengths"}
+
+    def forward_backward():
+        with torch.autocast(device().type, dtype=torch.bfloat16):
+            loss = example_losses(model.train(), row).sum()
+        loss.backward()
+
+    forward_backward()
+    with torch.profiler.profile() as profile:
+        forward_backward()
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def report(args: argparse.Namespace, work: Path, tokenizer) -> None:
