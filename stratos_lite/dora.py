@@ -175,6 +175,8 @@ class DoRALinear(nn.Module):
         # W x + s B A x in one kernel (addmm), then the per-row rescale: the only extra pass DoRA adds to LoRA.
         combined = torch.addmm(out.view(-1, out.shape[-1]), hidden.view(-1, self.rank).to(out.dtype),
                                self.lora_B.t().to(out.dtype))
+        if out.dtype == torch.float32:  # fp32 carries m / n whole: the plain product, as it always was
+            return (combined * (self.lora_magnitude / self.weight_norm())).view(out.shape)
         return torch.addcmul(combined, combined, self.magnitude_excess().to(out.dtype)).view(out.shape)
 
     @torch.no_grad()
