@@ -2,7 +2,7 @@
 
     y = (m / n) * (W x + s * B A drop(x)),   n = ||W + s B A|| per output row, detached (DoRA paper, 4.3)
 
-computed as c + c * (m / n - 1) with c = W x + s B A drop(x), so that in bf16 small magnitude changes survive.
+computed in bf16 as c + c * (m / n - 1) with c = W x + s B A drop(x), so that small magnitude changes survive.
 
 Dropout touches only the adapter path, so a training step runs one base matmul (PEFT runs two when dropout
 is on). n is computed in closed form from rank-sized products and cached until A, B or W change, so
