@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, compute_dtype, default_device
-from .data import ScoredDataset, read_training_data
+from .data import ScoredDataset
 from .distributed import init_distributed, load_sharded
 from .dora import apply_dora
 from .packing import estimate_padding
@@ -37,8 +37,8 @@ def train_from_config(config: TrainConfig, quiet: bool = False, train: ScoredDat
         model = load_model(config.model, dtype=dtype, device=device)
         if config.mode == "dora":
             say(apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed))
-    if train is None:
-        train = read_training_data(config)
+    if train is None:  # with the tokenizer already loaded above, not a second time
+        train = ScoredDataset.from_jsonl(config.train_data, tokenizer, max_len=config.max_len)
     if rank == 0:
         train.report.write(config.out_dir)
     say(train.report.to_markdown())
