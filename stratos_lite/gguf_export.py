@@ -1,9 +1,11 @@
-"""Write a Qwen3 model straight to GGUF (f32, f16, bf16 or q8_0) for llama.cpp and Ollama, in one pass.
+"""Write a Qwen3 model straight to GGUF (f32, f16, bf16, q8_0, q6_k, q5_k_m or q4_k_m) for llama.cpp and
+Ollama, in one pass.
 
 Tensor by tensor: each weight is taken from the model (DoRA layers merged on the fly), quantized, written
 and dropped before the next is made, so memory stays near the model plus one tensor. The `gguf` package
 provides the container and its constants; q8_0 is computed here in torch, byte-identical to
-`gguf.quants.quantize`. The file is written under a temporary name and renamed when complete.
+`gguf.quants.quantize`, and the K-quants in kquants.py, byte-identical to llama.cpp's quantizer, with the
+per-tensor types of quant_types.py. The file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from torch import nn
 
 from .atomic import staged_file, write_text
 from .dora import DoRALinear, rows_per_block
+from .kquants import BLOCK_BYTES, SUPER_BLOCK, quantize_k
 from .model import Qwen3ForCausalLM
+from .quant_types import FILE_TYPES, tensor_type
 from .tokenizer import Tokenizer
 from .weights import checkpoint_dtype, load_pretrained_with_adapter
 
-QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+QUANTS = tuple(FILE_TYPES)  # the `quant` names export_gguf takes
+K_TYPES = {gguf.GGMLQuantizationType.Q4_K: "q4_k", gguf.GGMLQuantizationType.Q5_K: "q5_k",
+           gguf.GGMLQuantizationType.Q6_K: "q6_k"}
 Q8_BLOCK = 32
 # torch module path inside a decoder layer -> GGUF tensor name (llama.cpp's qwen3 names).
 LAYER_TENSORS = {
@@ -105,7 +110,6 @@ def quantize_q8_0(weight: torch.Tensor | RowBlocks) -> np.ndarray:
 class PlannedTensor:
     name: str
     source: RowBlocks  # the (merged) weight, produced block by block when its turn to be written comes
-    quantizable: bool  # a matrix (quantized per the file type); 1-D norms always stay f32
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -114,24 +118,37 @@ class PlannedTensor:
 
 def tensor_plan(model: Qwen3ForCausalLM) -> list[PlannedTensor]:
     config, body = model.config, model.model
-    plan = [PlannedTensor("token_embd.weight", RowBlocks.of(body.embed_tokens), True)]
+    plan = [PlannedTensor("token_embd.weight", RowBlocks.of(body.embed_tokens))]
     for index, layer in enumerate(body.layers):
         for path, gguf_name in LAYER_TENSORS.items():
-            source = RowBlocks.of(layer.get_submodule(path))
-            plan.append(PlannedTensor(f"blk.{index}.{gguf_name}.weight", source, len(source.shape) == 2))
-    plan.append(PlannedTensor("output_norm.weight", RowBlocks.of(body.norm), False))
+            plan.append(PlannedTensor(f"blk.{index}.{gguf_name}.weight", RowBlocks.of(layer.get_submodule(path))))
+    plan.append(PlannedTensor("output_norm.weight", RowBlocks.of(body.norm)))
     if not config.tie_word_embeddings:
-        plan.append(PlannedTensor("output.weight", RowBlocks.of(model.lm_head), True))
+        plan.append(PlannedTensor("output.weight", RowBlocks.of(model.lm_head)))
     expected = 2 + len(LAYER_TENSORS) * config.num_hidden_layers + (0 if config.tie_word_embeddings else 1)
     if len(plan) != expected:  # llama.cpp refuses a file whose tensor count differs ("wrong number of tensors")
         raise ExportError(f"planned {len(plan)} tensors, llama.cpp expects {expected} for this config")
     return plan
 
 
+def quantize_k_blocks(source: RowBlocks, kind: str) -> np.ndarray:
+    """A K-quant of a weight handed out in row blocks, written into one array block by block."""
+    rows, cols = source.shape
+    out = np.empty((rows, cols // SUPER_BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
+    for start, block in source.blocks():
+        x = block.float()
+        if not torch.isfinite(x).all():
+            raise ExportError("non-finite value (NaN or Inf)")
+        out[start:start + len(block)] = quantize_k(x, kind)
+    return out
+
+
 def _encode(planned: PlannedTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """The bytes to write for one tensor, in the type announced for it in the header."""
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         return quantize_q8_0(planned.source)
+    if qtype in K_TYPES:
+        return quantize_k_blocks(planned.source, K_TYPES[qtype])
     tensor = planned.source.whole()
     if not torch.isfinite(tensor).all():
         raise ExportError("non-finite value (NaN or Inf)")
@@ -139,7 +156,9 @@ def _encode(planned: PlannedTensor, qtype: gguf.GGMLQuantizationType) -> np.ndar
         return tensor.float().contiguous().numpy()
     if qtype == gguf.GGMLQuantizationType.F16:
         return tensor.to(torch.float16).contiguous().numpy()
-    return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    return gguf.quants.quantize(tensor.float().numpy(), qtype)  # Q5_0 / Q5_1: K-quant fallbacks for odd rows
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -147,12 +166,10 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def _planned_type(tensor: PlannedTensor, quant: str) -> gguf.GGMLQuantizationType:
-    if not tensor.quantizable or quant == "f32":
-        return gguf.GGMLQuantizationType.F32
-    if quant == "q8_0" and tensor.shape[-1] % Q8_BLOCK == 0:
-        return gguf.GGMLQuantizationType.Q8_0
-    return gguf.GGMLQuantizationType.BF16 if quant == "bf16" else gguf.GGMLQuantizationType.F16
+def planned_types(model: Qwen3ForCausalLM, plan: list[PlannedTensor], quant: str) -> list[gguf.GGMLQuantizationType]:
+    """Each planned tensor's GGML type under file type `quant` (quant_types.tensor_type)."""
+    config = model.config
+    return [tensor_type(t.name, t.shape, quant, config.num_hidden_layers, config.tie_word_embeddings) for t in plan]
 
 
 # metadata -------------------------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, quant
         writer.add_rope_scaling_factor(c.rope_scaling["factor"])
         original = c.rope_scaling.get("original_max_position_embeddings") or c.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(original)
-    writer.add_file_type(QUANTS[quant])
+    writer.add_file_type(FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -271,7 +288,7 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, tokenizer: Tok
     try:
         _add_hyperparameters(writer, model, quant, name)
         _add_tokenizer(writer, tokenizer, model.config.vocab_size)
-        qtypes = [_planned_type(planned, quant) for planned in plan]
+        qtypes = planned_types(model, plan, quant)
         for planned, qtype in zip(plan, qtypes, strict=True):
             writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned.shape, qtype),
                                    raw_dtype=qtype)

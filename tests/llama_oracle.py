@@ -73,3 +73,18 @@ def prompt_checks(gguf_path, tokenizer_dir, modelfile=None) -> list[dict]:
     checks = [c.to_dict() for c in served_prompt_checks(llm, tokenizer, messages, modelfile)]
     llm.close()
     return checks
+
+
+def quantize(source, target, file_type: int) -> None:
+    """llama.cpp's own quantizer (what `llama-quantize` runs): `source` GGUF to `target` in `file_type`, a
+    llama_ftype such as gguf.LlamaFileType.MOSTLY_Q4_K_M."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = 2
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({source}, {target}, {file_type}) returned {status}")
