@@ -2,8 +2,9 @@
 
 data + tokenizer -> a small random Qwen3 -> base phase (full fine-tuning on profile-blind labels, like the
 report's V1) -> DoRA phase (the report's recipe: band sampling, loss weights, accumulation, cosine,
-clipping, checkpoints) -> q8_0 GGUF (exported from the unmerged model) -> evaluation with the adapters
-off and on, and of the GGUF in llama.cpp when it is installed -> merged HF folder.
+clipping, checkpoints) -> q8_0 and q4_k_m GGUFs (exported from the unmerged model) -> evaluation with the
+adapters off and on, and of each GGUF in llama.cpp when it is installed, with the smallest file that
+scores as the model does chosen for the Modelfile -> merged HF folder.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from .demo import make_demo_data
 from .dora import adapters_disabled, apply_dora, merge_dora
 from .evaluate import evaluate
 from .files import read_toml
-from .gguf_export import export_gguf
+from .gguf_export import export_gguf, write_modelfile
 from .model import Qwen3Config, Qwen3ForCausalLM
+from .quant_choice import SPEARMAN_TOLERANCE, smallest_within
 from .tokenizer import Tokenizer
 from .trainer import Trainer
 from .weights import save_pretrained
@@ -50,6 +52,7 @@ class DemoConfig:
     base: dict = field(default_factory=lambda: _demo_toml("base"))
     dora: dict = field(default_factory=lambda: _demo_toml("dora"))
     eval: dict = field(default_factory=lambda: _demo_toml("eval"))
+    export: dict = field(default_factory=lambda: _demo_toml("export"))
 
     @classmethod
     def from_toml(cls, path: str | Path = DEMO_TOML) -> DemoConfig:
@@ -111,19 +114,23 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
 
     model.eval()
     # Exported from the unmerged model (DoRA is merged block by block on the way out), so that the
-    # evaluation can still switch the adapters off, and can score the shipped file beside the model.
-    gguf_path = export_gguf(model, tokenizer, out / "scorer-q8_0.gguf", quant="q8_0", name="stratos-demo-scorer",
-                            system_prompt=SYSTEM_PROMPT)
-    lap("q8_0 export")
+    # evaluation can still switch the adapters off, and can score the shipped files beside the model.
+    ggufs = [export_gguf(model, tokenizer, out / f"scorer-{quant}.gguf", quant=quant, name="stratos-demo-scorer",
+                         modelfile=False) for quant in config.export["quants"]]
+    write_modelfile(ggufs[0], SYSTEM_PROMPT)  # the served-prompt checks read it; it follows the choice below
+    lap("GGUF export")
 
     settings = dict(batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
     with adapters_disabled(model):
         before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
                           spread_articles=config.eval["spread_articles"], **settings)
-    shipped = [gguf_path] if importlib.util.find_spec("llama_cpp") else []  # llama.cpp is an optional extra
+    shipped = ggufs if importlib.util.find_spec("llama_cpp") else []  # llama.cpp is an optional extra
     after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
                      spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
                      gguf=shipped, **settings)
+    choice = smallest_within(after)
+    gguf_path = next((path for path in ggufs if choice and path.name == choice.name), ggufs[0])
+    write_modelfile(gguf_path, SYSTEM_PROMPT)
     lap("evaluation")
 
     merge_dora(model)
@@ -137,7 +144,8 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
                "paths": {"data": str(out / "data"), "base_model": str(out / "base_model"),
                          "dora_run": str(out / "dora"), "adapter": str(out / "dora" / "adapter"),
                          "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
-                         "gguf": str(gguf_path), "modelfile": str(gguf_path.with_name("Modelfile"))}}
+                         "gguf": str(gguf_path), "modelfile": str(gguf_path.with_name("Modelfile"))},
+               "chosen_gguf": choice.name if choice else None}
     summary["constant_mae"] = _constant_mae(paths["eval"], summary["mean_training_score"])
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary))
@@ -149,6 +157,8 @@ def _headline(result: dict) -> dict:
             "examples_per_s")
     spreads = result.get("spread_check", [])
     headline = {k: result[k] for k in keys}
+    if "file" in result:
+        headline["size_mb"] = Path(result["file"]).stat().st_size / 1e6
     if "agreement" in result:
         headline["agreement_within_0_5"] = result["agreement"]["within_0_5"]
         headline["prompt_checks_failed"] = sum(not c["ok"] for c in result["prompt_checks"])
@@ -181,6 +191,7 @@ def format_summary(summary: dict) -> str:
     rows = [("direction accuracy", "direction_accuracy", True), ("MAE", "mae", False),
             ("Spearman rho", "spearman", False), ("PSR", "psr", True), ("think empty", "think_empty_rate", True),
             ("parse failures", "parse_failures", False), ("examples/s", "examples_per_s", False),
+            ("file MB", "size_mb", False),
             ("agrees with torch", "agreement_within_0_5", True),
             ("served prompt errors", "prompt_checks_failed", False)]
     width = 22 + 20 * len(columns)
@@ -190,6 +201,10 @@ def format_summary(summary: dict) -> str:
     if "truth_spread" in after:
         lines.append(f"{'spread (truth ' + format(after['truth_spread'], '.2f') + ')':<22}"
                      f"{cell(after.get('adapters_off_spread')):>20}{cell(after['predicted_spread']):>20}")
+    if summary.get("gguf"):
+        chosen = summary.get("chosen_gguf")
+        lines.append(f"smallest GGUF within {SPEARMAN_TOLERANCE} Spearman of the torch model, no new parse failures: "
+                     f"{chosen or 'none'} (the Modelfile's)")
     lines += ["-" * width, f"MAE of always answering the training mean ({summary['mean_training_score']:.2f}): "
               f"{summary['constant_mae']:.3f}",
               "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
@@ -204,7 +219,8 @@ def next_steps(paths: dict[str, str]) -> list[str]:
     held_out = json.loads((Path(paths["data"]) / "eval.jsonl").read_text().splitlines()[0])  # one it never saw
     quoted = {key: shlex.quote(held_out[key]) for key in ("profile", "title", "article")}
     return [
-        "made: a DoRA adapter on a small Qwen3, a merged model folder, and a q8_0 GGUF with an Ollama Modelfile.",
+        f"made: a DoRA adapter on a small Qwen3, a merged model folder, and GGUF files with an Ollama Modelfile "
+        f"({gguf.name}).",
         "next:",
         f"  stratos-lite score --model {paths['merged']} --dtype float32 --profile {quoted['profile']} "
         f"--title {quoted['title']} --article {quoted['article']}",

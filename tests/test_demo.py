@@ -1,5 +1,5 @@
 """The demo pipeline end to end at a tiny size: every output exists and parses. It runs in a child process
-because the demo evaluates its q8_0 GGUF in llama.cpp (tests/isolation.py)."""
+because the demo evaluates its GGUF files in llama.cpp (tests/isolation.py)."""
 
 import json
 
@@ -28,18 +28,22 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     assert metrics["examples"] == 9 and "baseline" in metrics
     assert (out / "eval" / "eval_report.md").read_text().startswith("# Evaluation report")
     assert json.loads((out / "eval_before" / "metrics.json").read_text())["examples"] == 9
-    reader = gguf.GGUFReader(out / "scorer-q8_0.gguf")
-    assert len(reader.tensors) == 2 + 11 * 2
-    assert (out / "Modelfile").read_text().startswith("FROM ./scorer-q8_0.gguf")
+    for quant in ("q8_0", "q4_k_m"):  # both exported and scored; the Modelfile serves the chosen one
+        reader = gguf.GGUFReader(out / f"scorer-{quant}.gguf")
+        assert len(reader.tensors) == 2 + 11 * 2
+        assert summary["gguf"][f"scorer-{quant}.gguf"]["examples"] == 9
+    chosen = summary["chosen_gguf"] or "scorer-q8_0.gguf"
+    assert (out / "Modelfile").read_text().startswith(f"FROM ./{chosen}")
     assert json.loads((out / "dora" / "sampler_verification.json").read_text())["batches"] == 50
     assert (out / "dora" / "adapter" / "adapter_config.json").is_file()
     assert (out / "merged" / "config.json").is_file() and (out / "base_model" / "config.json").is_file()
     assert (out / "dora" / "loss_curve.svg").is_file() and (out / "dataset_report.md").is_file()
     assert json.loads((out / "dataset_report.json").read_text())["bands"][0]["name"] == "noise"
-    assert json.loads((out / "summary.json").read_text())["paths"]["gguf"] == str(out / "scorer-q8_0.gguf")
+    assert json.loads((out / "summary.json").read_text())["paths"]["gguf"] == str(out / chosen)
     assert summary["after"]["examples"] == 9
     shipped = summary["gguf"]["scorer-q8_0.gguf"]
     assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0
     assert (out / "eval" / "predictions_scorer-q8_0.jsonl").is_file()
     printed = capfd.readouterr().out
-    assert "adapters off" in printed and "scorer-q8_0.gguf" in printed and str(out / "scorer-q8_0.gguf") in printed
+    assert "adapters off" in printed and "scorer-q4_k_m.gguf" in printed and str(out / chosen) in printed
+    assert "smallest GGUF within 0.02 Spearman" in printed

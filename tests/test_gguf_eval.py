@@ -116,3 +116,50 @@ def test_go_template_renderer_reads_our_modelfile_as_ollama_does(tmp_path):
         render_go_template("{{ .Messages | len }}", values)
     with pytest.raises(ValueError, match="has no"):
         render_go_template("{{ if .System }}x", values)
+
+
+def test_export_several_quants_scored_in_one_command(scorer, tmp_path):
+    """`export --quant f16,q8_0,q4_k_m --eval-data`: three files, one table beside the torch model, and the
+    Modelfile pointing at the smallest file within tolerance."""
+    import subprocess
+    import sys
+
+    folder, eval_path, _ = scorer
+    out = subprocess.run([sys.executable, "-m", "stratos_lite", "export", "--model", str(folder / "model"),
+                          "--out", str(tmp_path / "scorer.gguf"), "--quant", "f16,q8_0,q4_k_m", "--eval-data",
+                          str(eval_path), "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "24"],
+                         check=True, capture_output=True, text=True).stdout
+    names = [f"scorer-{q}.gguf" for q in ("f16", "q8_0", "q4_k_m")]
+    assert all((tmp_path / name).is_file() for name in names)
+    sizes = [(tmp_path / name).stat().st_size for name in names]
+    assert sizes[0] > sizes[1] > sizes[2]
+    rows = [line for line in out.splitlines() if line.startswith("| scorer-")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == names[::-1]  # smallest first
+    chosen = out.split("smallest within tolerance (")[1].split("): ")[1].split()[0]
+    assert chosen in names and (tmp_path / "Modelfile").read_text().startswith(f"FROM ./{chosen}")
+    f16_row = next(row for row in rows if row.startswith("| scorer-f16.gguf"))
+    assert f16_row.endswith("| 1.000 | yes |")  # f16 answers as the torch model does
+    assert (tmp_path / "quant_eval" / "eval_report.md").is_file()
+
+
+def test_quant_choice_takes_the_smallest_file_within_tolerance(tmp_path):
+    from stratos_lite.quant_choice import format_quant_table, smallest_within
+
+    def engine(name, size, spearman, failures):
+        (tmp_path / name).write_bytes(b"x" * size)
+        return {"file": str(tmp_path / name), "examples_per_s": 1.0, "spearman": spearman, "mae": 0.1,
+                "direction_accuracy": 0.9, "parse_failures": failures, "agreement": {"within_0_5": 0.9}}
+
+    result = {"spearman": 0.95, "mae": 0.1, "direction_accuracy": 0.9, "parse_failures": 0, "examples_per_s": 2.0,
+              "engines": {"a-q8_0.gguf": engine("a-q8_0.gguf", 800, 0.95, 0),
+                          "a-q6_k.gguf": engine("a-q6_k.gguf", 600, 0.935, 0),
+                          "a-q4_k_m.gguf": engine("a-q4_k_m.gguf", 400, 0.94, 1)}}
+    assert smallest_within(result).name == "a-q6_k.gguf"  # q4_k_m is smaller but fails to parse once
+    assert smallest_within(result, tolerance=0.01).name == "a-q8_0.gguf"
+    result["engines"]["a-q8_0.gguf"]["spearman"] = None
+    assert smallest_within(result, tolerance=0.01) is None
+    assert "no file is within tolerance" in format_quant_table(result, tolerance=0.01)
+    result["spearman"] = None  # a torch model answering one score: only the same answers count
+    assert smallest_within(result) is None
+    result["engines"]["a-q6_k.gguf"]["agreement"]["within_0_5"] = 1.0
+    assert smallest_within(result).name == "a-q6_k.gguf"

@@ -1,34 +1,86 @@
-"""`export`: a model folder (+ adapter) to one GGUF file and an Ollama Modelfile."""
+"""`export`: a model folder (+ adapter) to GGUF files and an Ollama Modelfile, optionally scored per quant."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data import SYSTEM_PROMPT
-from ..gguf_export import QUANTS, export_gguf_from_folder
+from ..evaluate import evaluate
+from ..gguf_export import QUANTS, export_gguf_from_folder, write_modelfile
+from ..quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
 from ._command import Command
+from .evaluate import add_model_arguments, load_model_of
 
-USAGE = """Export a model folder (plus an optional DoRA adapter, merged while writing) to one GGUF file and an
-Ollama Modelfile beside it.
+USAGE = """Export a model folder (plus an optional DoRA adapter, merged while writing) to GGUF and an Ollama
+Modelfile beside it.
 
     stratos-lite export --model models/base --adapter runs/v2/adapter --out runs/v2/scorer-q8_0.gguf
     ollama create stratos-scorer -f runs/v2/Modelfile
+
+Several quants at once, each scored on held-out data in llama.cpp beside the torch model, to ship the
+smallest that scores as well (files named scorer-q8_0.gguf, scorer-q4_k_m.gguf, ...; the Modelfile points
+at the chosen one):
+
+    stratos-lite export --model models/base --adapter runs/v2/adapter --out runs/v2/scorer.gguf \\
+        --quant q8_0,q6_k,q4_k_m --eval-data data/eval.jsonl
+
+--dtype and --device apply to the torch model scored beside the files.
 """
 
 
+def _quant_list(text: str) -> list[str]:
+    quants = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = [q for q in quants if q not in QUANTS]
+    if unknown or not quants:
+        raise argparse.ArgumentTypeError(f"unknown quant {unknown[0] if unknown else text!r}; "
+                                         f"known: {', '.join(QUANTS)} (comma-separated for several)")
+    return list(dict.fromkeys(quants))
+
+
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF model folder")
-    parser.add_argument("--adapter", help="PEFT DoRA adapter folder to merge in")
-    parser.add_argument("--out", required=True, help="the .gguf file to write")
-    parser.add_argument("--quant", default="q8_0", choices=list(QUANTS))
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, help="the .gguf file to write (with several quants: the name "
+                                                     "each file's is made from, NAME-QUANT.gguf)")
+    parser.add_argument("--quant", default=["q8_0"], type=_quant_list,
+                        help=f"one of {', '.join(QUANTS)}, or several separated by commas")
     parser.add_argument("--name", default="stratos-qwen3", help="general.name in the file")
     parser.add_argument("--no-system", action="store_true", help="no SYSTEM line in the Modelfile")
+    parser.add_argument("--eval-data", help="score every file on this eval JSONL beside the torch model")
+    parser.add_argument("--eval-out", help="where the evaluation goes (default: OUT's folder/quant_eval)")
+    parser.add_argument("--tolerance", type=float, default=SPEARMAN_TOLERANCE,
+                        help="how far below the torch model's Spearman a file may score and still be chosen")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def output_paths(out: str | Path, quants: list[str]) -> list[Path]:
+    """`out` itself for one quant; NAME-QUANT.gguf beside it for several."""
+    out = Path(out)
+    if len(quants) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{quant}{out.suffix or '.gguf'}") for quant in quants]
 
 
 def _main(args: argparse.Namespace) -> None:
-    path = export_gguf_from_folder(args.model, args.out, args.adapter, args.quant, name=args.name,
-                                   system_prompt=None if args.no_system else SYSTEM_PROMPT)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_name('Modelfile')}")
+    system = None if args.no_system else SYSTEM_PROMPT
+    paths = output_paths(args.out, args.quant)
+    for quant, path in zip(args.quant, paths, strict=True):
+        export_gguf_from_folder(args.model, path, args.adapter, quant, name=args.name, modelfile=False)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    chosen = paths[0]
+    write_modelfile(chosen, system)  # in place before scoring: the served-prompt checks read it
+    if args.eval_data:
+        model, tokenizer = load_model_of(args)
+        result = evaluate(model, tokenizer, args.eval_data, args.eval_out or paths[0].parent / "quant_eval",
+                          compare_adapters_off=False, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          gguf=paths)
+        print(format_quant_table(result, args.tolerance))
+        best = smallest_within(result, args.tolerance)
+        chosen = next((p for p in paths if best and p.name == best.name), chosen)
+        write_modelfile(chosen, system)
+    print(f"wrote {chosen.with_name('Modelfile')} (FROM ./{chosen.name})")
 
 
-COMMAND = Command("export a model (+ adapter) to a GGUF file with an Ollama Modelfile", USAGE, _arguments, _main)
+COMMAND = Command("export a model (+ adapter) to GGUF files with an Ollama Modelfile, optionally scoring each "
+                  "quant", USAGE, _arguments, _main)

@@ -1,0 +1,76 @@
+"""Which GGUF to ship: the quantizations of one model scored on the task beside the torch model, and the
+smallest file whose scores stay within a stated tolerance of it.
+
+The inputs are `evaluate(model, ..., gguf=[files])`'s result: the torch model's metrics and one entry per
+file under "engines". The default tolerance: Spearman no more than 0.02 below the torch model's, and no
+parse failure the torch model did not have. Where the torch model's Spearman is undefined (it gave every
+example one score), a file is within tolerance only if it answers as the torch model does, every example
+within 0.5 points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPEARMAN_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class QuantScore:
+    """One GGUF file's size, speed in llama.cpp and task metrics, with its agreement with the torch model."""
+    name: str
+    size_bytes: int
+    examples_per_s: float
+    spearman: float | None
+    mae: float | None
+    direction_accuracy: float | None
+    parse_failures: int
+    agreement: float | None  # share of examples within 0.5 points of the torch model's score
+
+
+def quant_scores(result: dict) -> list[QuantScore]:
+    """A row per GGUF file that `evaluate` scored, smallest file first."""
+    rows = [QuantScore(name, Path(engine["file"]).stat().st_size, engine["examples_per_s"], engine["spearman"],
+                       engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
+                       engine["agreement"]["within_0_5"])
+            for name, engine in result.get("engines", {}).items()]
+    return sorted(rows, key=lambda row: row.size_bytes)
+
+
+def within_tolerance(row: QuantScore, result: dict, tolerance: float = SPEARMAN_TOLERANCE) -> bool:
+    """Scores as well as the torch model, up to `tolerance` in Spearman and with no new parse failures."""
+    if row.parse_failures > result["parse_failures"]:
+        return False
+    reference = result["spearman"]
+    if reference is None:
+        return row.agreement == 1.0
+    return row.spearman is not None and row.spearman >= reference - tolerance
+
+
+def smallest_within(result: dict, tolerance: float = SPEARMAN_TOLERANCE) -> QuantScore | None:
+    """The smallest file within tolerance of the torch model, or None when none is."""
+    return next((row for row in quant_scores(result) if within_tolerance(row, result, tolerance)), None)
+
+
+def format_quant_table(result: dict, tolerance: float = SPEARMAN_TOLERANCE) -> str:
+    """A markdown table of every scored file beside the torch model, and the choice it leads to."""
+    def number(value, digits=3):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| file | MB | examples/s | Spearman | MAE | direction | parse failures | agrees with torch | within |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+             f"| torch model | | {number(result.get('examples_per_s'), 1)} | {number(result['spearman'])} | "
+             f"{number(result['mae'])} | {number(result['direction_accuracy'])} | {result['parse_failures']} | | |"]
+    for row in quant_scores(result):
+        lines.append(f"| {row.name} | {row.size_bytes / 1e6:.1f} | {number(row.examples_per_s, 1)} | "
+                     f"{number(row.spearman)} | {number(row.mae)} | {number(row.direction_accuracy)} | "
+                     f"{row.parse_failures} | {number(row.agreement)} | "
+                     f"{'yes' if within_tolerance(row, result, tolerance) else 'no'} |")
+    choice = smallest_within(result, tolerance)
+    rule = (f"Spearman within {tolerance} of the torch model's and no new parse failures" if result["spearman"]
+            is not None else "the torch model's Spearman is undefined: the same answers, no new parse failures")
+    lines.append("")
+    lines.append(f"smallest within tolerance ({rule}): {choice.name}" if choice else
+                 f"no file is within tolerance ({rule}): ship a larger quant or f16")
+    return "\n".join(lines)
