@@ -1,10 +1,12 @@
-"""q8_0 GGUF export of a base model + DoRA adapter: stratos_lite's one pass against the reference route
-(PEFT merge_and_unload + save_pretrained, then gguf-py's writer with gguf.quants q8_0), same run.
+"""GGUF export of a base model + DoRA adapter: stratos_lite's one pass against the reference route, same run.
 
-    python benchmarks/export_speed.py [--params 534e6] [--folder /tmp/sl_export_bench]
+    python benchmarks/export_speed.py [--quant q8_0] [--params 534e6] [--folder /tmp/sl_export_bench]
 
-Each route runs in a fresh interpreter; peak = peak RSS minus the RSS before the export started. Then the
-q8_0 quantizer alone against gguf.quants.quantize.
+The reference route is PEFT merge_and_unload + save_pretrained, then gguf-py's writer: with gguf.quants
+q8_0 for --quant q8_0; for a K-quant (q4_k_m, q5_k_m, q6_k) it writes f16 as llama.cpp's convert script
+does and runs llama.cpp's own quantizer (llama_model_quantize, 2 threads) on that file, as `llama-quantize`
+would. Each route runs in a fresh interpreter; peak = peak RSS minus the RSS before the export started.
+For q8_0, then the quantizer alone against gguf.quants on one 4096 x 4096 matrix.
 """
 
 from __future__ import annotations
@@ -45,15 +47,39 @@ def write_inputs(folder: Path, params: float) -> None:
     sl.save_adapter(model, folder / "adapter")
 
 
-def ours(folder: Path, out: Path) -> dict:
+def ours(folder: Path, out: Path, quant: str) -> dict:
     from stratos_lite.gguf_export import export_gguf_from_folder
 
     start = time.perf_counter()
-    export_gguf_from_folder(folder / "base", out, folder / "adapter", quant="q8_0", modelfile=False)
+    export_gguf_from_folder(folder / "base", out, folder / "adapter", quant=quant, modelfile=False)
     return {"seconds": time.perf_counter() - start}
 
 
-def reference(folder: Path, out: Path) -> dict:
+def llama_quantize(source: Path, target: Path, quant: str) -> None:
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"))
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {source}")
+
+
+def _add_metadata(writer, base: Path) -> None:
+    """Hyperparameters and tokenizer for an f16 file (no tensors are touched: the model is on the meta device)."""
+    import stratos_lite as sl
+    from stratos_lite.gguf_export import _add_hyperparameters, _add_tokenizer
+
+    with torch.device("meta"):
+        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(json.loads((base / "config.json").read_text())))
+    _add_hyperparameters(writer, model, "f16", "bench")
+    _add_tokenizer(writer, sl.Tokenizer.from_pretrained(base), model.config.vocab_size)
+
+
+def reference(folder: Path, out: Path, quant: str) -> dict:
     import gguf
     import transformers
     from peft import PeftModel
@@ -72,8 +98,13 @@ def reference(folder: Path, out: Path) -> dict:
                        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                        "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                        "mlp.down_proj": "ffn_down"}
-        writer = gguf.GGUFWriter(out, "qwen3")
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+        k_quant = quant != "q8_0"
+        converted = out.with_suffix(".f16.gguf") if k_quant else out
+        writer = gguf.GGUFWriter(converted, "qwen3")
+        if k_quant:  # a file llama.cpp can load: the metadata convert_hf_to_gguf.py would write
+            _add_metadata(writer, folder / "base")
+        else:
+            writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
         for shard in sorted(Path(merged_dir).glob("*.safetensors")):
             with safe_open(str(shard), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -84,7 +115,9 @@ def reference(folder: Path, out: Path) -> dict:
                     else:
                         name = names[module] + ".weight"
                     data = f.get_tensor(key).float().numpy()
-                    if data.ndim == 2:
+                    if data.ndim == 2 and k_quant:
+                        writer.add_tensor(name, data.astype(np.float16))
+                    elif data.ndim == 2:
                         writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
                                           raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                     else:
@@ -93,14 +126,17 @@ def reference(folder: Path, out: Path) -> dict:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    if k_quant:
+        llama_quantize(converted, out, quant)
+        converted.unlink()
     end = time.perf_counter()
     return {"seconds": end - start, "merge_save": middle - start, "quantize_write": end - middle}
 
 
-def child(route: str, folder: Path) -> None:
+def child(route: str, folder: Path, quant: str) -> None:
     before = rss_bytes()
     with tempfile.TemporaryDirectory() as out_dir:
-        result = (ours if route == "ours" else reference)(folder, Path(out_dir) / "model.gguf")
+        result = (ours if route == "ours" else reference)(folder, Path(out_dir) / "model.gguf", quant)
         result["bytes"] = (Path(out_dir) / "model.gguf").stat().st_size
     result["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     print(json.dumps(result))
@@ -131,25 +167,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=534e6)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/sl_export_bench"))
+    parser.add_argument("--quant", default="q8_0", choices=["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
     parser.add_argument("--child", choices=["ours", "reference"])
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.folder)
+        return child(args.child, args.folder, args.quant)
     if not (args.folder / "adapter" / "adapter_config.json").is_file():
         write_inputs(args.folder, args.params)
     size = sum(f.stat().st_size for f in (args.folder / "base").glob("*.safetensors"))
-    print(f"base: {size / 1e9:.2f} GB bf16; DoRA r16 on all 7 linears; q8_0 GGUF")
+    print(f"base: {size / 1e9:.2f} GB bf16; DoRA r16 on all 7 linears; {args.quant} GGUF")
     results = {}
     for route in ("reference", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--child", route, "--folder", str(args.folder)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--child", route, "--folder", str(args.folder), "--quant",
+                              args.quant], check=True, capture_output=True, text=True).stdout
         results[route] = json.loads(out.strip().splitlines()[-1])
     ref, mine = results["reference"], results["ours"]
-    print(f"reference route: {ref['seconds']:.1f} s (merge + save {ref['merge_save']:.1f} s, quantize + write "
+    print(f"reference route: {ref['seconds']:.1f} s (merge + save {ref['merge_save']:.1f} s, write + quantize "
           f"{ref['quantize_write']:.1f} s), peak {ref['peak'] / 1e9:.2f} GB, file {ref['bytes'] / 1e9:.2f} GB")
     print(f"stratos_lite:    {mine['seconds']:.1f} s, peak {mine['peak'] / 1e9:.2f} GB, "
           f"file {mine['bytes'] / 1e9:.2f} GB")
-    print(f"ratio: {ref['seconds'] / mine['seconds']:.1f}x faster, peak memory {mine['peak'] / ref['peak']:.2f}x")
+    print(f"ratio: {ref['seconds'] / mine['seconds']:.2f}x faster, peak memory {mine['peak'] / ref['peak']:.2f}x")
+    if args.quant != "q8_0":
+        return
     theirs, ours_rate = quantizer_rates()
     print(f"q8_0 quantizer alone (4096 x 4096 fp32): gguf.quants {theirs / 1e6:.0f} M params/s, "
           f"stratos_lite {ours_rate / 1e6:.0f} M params/s ({ours_rate / theirs:.1f}x), bytes identical")
