@@ -27,6 +27,8 @@ SHAPES = {
                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 BATCH, ACCUM, RANK, ALPHA, DROPOUT = 2, 8, 16, 32, 0.05  # the report's batch; --batch/--accum change it
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,7 +73,7 @@ def flops_per_step(shape: dict, seq: int) -> float:
 
 
 def matmul_rate(dtype: torch.dtype) -> float:
-    n = 2048
+    n = 8192 if torch.cuda.is_available() else 2048  # large enough to reach a GPU's peak
     a, b = torch.randn(n, n, device=device()).to(dtype), torch.randn(n, n, device=device()).to(dtype)
     for _ in range(2):
         a @ b
@@ -171,7 +173,8 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy
         times = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-    print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak}))
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else peak  # what an OOM depends on
+    print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak, "reserved": reserved}))
 
 
 def main() -> None:
@@ -194,7 +197,8 @@ def main() -> None:
           f"batch {BATCH} x accumulation {ACCUM}; DoRA r{RANK}/a{ALPHA}/{DROPOUT}; gradient checkpointing")
     flops = flops_per_step(shape, args.seq)
     tokens = BATCH * ACCUM * args.seq
-    print(f"{'dtype':<10}{'system':<14}{'s/step':>8}{'ratio':>7}{'tokens/s':>10}{'of matmul':>11}{'peak GB':>9}")
+    print(f"{'dtype':<10}{'system':<14}{'s/step':>8}{'ratio':>7}{'tokens/s':>10}{'TFLOP/s':>9}{'of matmul':>11}"
+          f"{'peak GB':>9}{'reserved':>10}")
     for dtype in args.dtypes:
         rate = matmul_rate(getattr(torch, dtype))
         results = {}
@@ -206,8 +210,10 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             results[label] = json.loads(out.strip().splitlines()[-1])
         for label, r in results.items():
+            achieved = flops / r["seconds"]
             print(f"{dtype:<10}{label:<14}{r['seconds']:>8.3f}{r['seconds'] / results['HF+PEFT']['seconds']:>7.2f}"
-                  f"{tokens / r['seconds']:>10.0f}{flops / r['seconds'] / rate:>10.1%}{r['peak'] / 1e9:>9.2f}")
+                  f"{tokens / r['seconds']:>10.0f}{achieved / 1e12:>9.2f}{achieved / rate:>10.1%}"
+                  f"{r['peak'] / 1e9:>9.2f}{r['reserved'] / 1e9:>10.2f}")
         print(f"{'':<10}(matmul rate {rate / 1e9:.0f} GFLOP/s in {dtype})")
 
 
