@@ -29,10 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import stratos_lite as sl  # noqa: E402
 from stratos_lite.model import attend  # noqa: E402
-
-KERNELS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
-           "_scaled_dot_product_cudnn_attention": "cudnn", "_flash_attention_forward": "flash",
-           "_efficient_attention_forward": "efficient", "_scaled_dot_product_attention_math": "math"}
+from stratos_lite.sdpa_report import kernel_of_call, versions  # noqa: E402
 
 
 def device() -> torch.device:
@@ -40,10 +37,7 @@ def device() -> torch.device:
 
 
 def environment() -> list[tuple[str, str]]:
-    rows = [("python", platform.python_version()), ("torch", torch.__version__),
-            ("CUDA", str(torch.version.cuda)), ("HIP", str(getattr(torch.version, "hip", None)))]
-    aotriton = getattr(torch._C, "_aotriton_version", None)  # ROCm builds only; absent elsewhere
-    rows.append(("AOTriton", str(aotriton()) if callable(aotriton) else "n/a"))
+    rows = [("python", platform.python_version()), ("versions", versions())]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         arch = getattr(props, "gcnArchName", "") or f"sm_{props.major}{props.minor}"
@@ -72,24 +66,17 @@ def attention_calls(dry_run: bool) -> dict[str, dict]:
 
 
 def kernel_of(call: dict, dtype: torch.dtype) -> tuple[str, float]:
-    """The kernel SDPA picked for `call` (read from the profiler's op names) and the output's largest error
-    relative to the same call in fp32 through the math kernel."""
+    """The kernel SDPA picked for `call` and the output's largest error relative to the same call in fp32
+    through the math kernel."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(call[key], generator=gen) for key in ("q", "kv", "kv"))
+    q, k, v = (torch.randn(call[key], generator=gen).to(device(), dtype) for key in ("q", "kv", "kv"))
     mask = None if call["mask"] is None else call["mask"].to(device())
-    gqa = q.shape[1] != k.shape[1]
-    inputs = [t.to(device(), dtype).requires_grad_(call["grad"]) for t in (q, k, v)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = attend(*inputs, mask, gqa)
-        if call["grad"]:
-            out.float().sum().backward()
-    names = [event.key.removeprefix("aten::") for event in prof.key_averages()]
-    # e.g. _scaled_dot_product_flash_attention_for_cpu on a CPU; no fused op at all means matmul + softmax
-    kernel = next((KERNELS[k] for k in KERNELS for n in names if n.startswith(k)), "math")
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-        exact = attend(*(t.detach().float() for t in inputs), None if mask is None else mask, gqa)
-    error = ((out.detach().float() - exact).abs().max() / exact.abs().max()).item()
-    return kernel, error
+    kernel = kernel_of_call(q, k, v, mask, backward=call["grad"])
+    with torch.no_grad():
+        out = attend(q, k, v, mask, q.shape[1] != k.shape[1]).float()
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            exact = attend(q.float(), k.float(), v.float(), mask, q.shape[1] != k.shape[1])
+    return kernel, ((out - exact).abs().max() / exact.abs().max()).item()
 
 
 def run_tests(dry_run: bool) -> str:

@@ -27,6 +27,12 @@ sys.exit(0 if dist.version == version and origin.startswith(f"file://{wheel_dir}
 PY
 }
 
+# A llama-cpp-python built with GPU support (CUDA, ROCm, Metal, Vulkan) is the user's own choice: never
+# replace it with this CPU build.
+if python -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; then
+    echo "llama-cpp-python with GPU offload is installed: keeping it (not replaced by the portable CPU build)"
+    exit 0
+fi
 if installed_from_portable_wheel; then
     exit 0
 fi

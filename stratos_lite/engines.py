@@ -56,14 +56,16 @@ class LlamaCppEngine:
     keeps in its KV cache instead of evaluating again."""
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, name: str | None = None,
-                 f32_cache: bool = False):
+                 f32_cache: bool = False, n_gpu_layers: int | None = None):
         llama_cpp = import_llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
             raise EngineError(f"{self.path}: no such GGUF file")
         options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
+        if n_gpu_layers is None:  # every layer on the GPU when llama.cpp was built with CUDA, ROCm, Metal...
+            n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, verbose=False,
-                                   **options)
+                                   n_gpu_layers=n_gpu_layers, **options)
         self.name = name or self.path.name
 
     def complete(self, prompts: Sequence[list[int]], max_new_tokens: int, stop_ids: Sequence[int],

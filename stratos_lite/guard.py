@@ -61,8 +61,9 @@ def first_nonfinite_module(model: nn.Module, run_forwards: Callable[[], None]) -
     return found[0] if found else None
 
 
-def diagnosis(step: int, loss: float, grad_norm: float, bad_parameter: str | None, bad_module: str | None) -> str:
-    """The guard's report of a non-finite step, one finding a line."""
+def diagnosis(step: int, loss: float, grad_norm: float, bad_parameter: str | None, bad_module: str | None,
+              attention: str | None = None) -> str:
+    """The guard's report of a non-finite step, one finding a line (`attention`: sdpa_report's line)."""
     lines = [f"step {step}: loss {loss}, gradient norm {grad_norm}; the update was not applied."]
     if bad_parameter is not None:
         lines.append(f"first parameter with a non-finite gradient: {bad_parameter}")
@@ -70,4 +71,6 @@ def diagnosis(step: int, loss: float, grad_norm: float, bad_parameter: str | Non
                  "no module output was non-finite when the step's micro-batches were re-run forward")
     flags = risky_flags()
     lines.append("environment flags known to cause this: " + ("; ".join(flags) if flags else "none set"))
+    if attention:
+        lines.append(attention)
     return "\n".join(lines)

@@ -56,6 +56,7 @@ from .packing import filler_row, pack_step
 from .preemption import Interrupted, StopRequests
 from .run_state import RunState, changes_since, data_identity
 from .sampler import BandSampler, format_verification, sampler_for, verify_for
+from .sdpa_report import attention_line
 from .strategy import strategy_for
 from .training_report import write_training_summary
 from .weights import save_pretrained
@@ -241,6 +242,14 @@ class Trainer:
                         "times slower than float32; dtype = 'auto' picks float32 here.")
         for flag in risky_flags():
             self._print(f"WARNING: {flag} is set. Unset it if gradients go NaN.")
+        if self.device.type != "cpu":  # which kernel SDPA gives training here decides memory, speed and NaNs
+            self._print(self._attention_line())
+
+    def _attention_line(self) -> str:
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return "attention: unknown (the model has no Qwen3 config)"
+        return attention_line(config, self.device, self.compute_dtype, self.config.attention_kernel)
 
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "lengths"}
@@ -368,7 +377,8 @@ class Trainer:
                     example_losses(self.model, self._on_device(mb))
 
         bad_parameter = first_nonfinite_gradient(self.model, self.params, self.strategy.local)
-        report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards))
+        report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards),
+                           self._attention_line())
         if self.strategy.is_main:
             write_text(self.out_dir / "nonfinite_diagnosis.txt", report + "\n")
         self._save_adapter()  # the weights are still finite: keep them

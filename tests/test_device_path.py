@@ -113,3 +113,50 @@ def test_deterministic_setting_turns_on_deterministic_algorithms_for_the_run(dem
         finally:
             torch.use_deterministic_algorithms(False)
     assert torch.allclose(default, exact, rtol=1e-6)
+
+
+def test_gguf_engine_offloads_every_layer_when_llama_cpp_has_a_gpu(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from stratos_lite import engines
+
+    calls = []
+    for gpu_build, expected in ((True, -1), (False, 0)):
+        fake = SimpleNamespace(llama_supports_gpu_offload=lambda gpu=gpu_build: gpu,
+                               Llama=lambda **options: calls.append(options))
+        monkeypatch.setattr(engines, "import_llama_cpp", lambda fake=fake: fake)
+        (tmp_path / "m.gguf").write_bytes(b"GGUF")
+        engines.LlamaCppEngine(tmp_path / "m.gguf")
+        assert calls[-1]["n_gpu_layers"] == expected
+    engines.LlamaCppEngine(tmp_path / "m.gguf", n_gpu_layers=12)
+    assert calls[-1]["n_gpu_layers"] == 12
+
+
+def test_install_script_keeps_a_gpu_build_of_llama_cpp(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("def llama_supports_gpu_offload():\n    return True\n")
+    script = Path(__file__).parent.parent / "scripts" / "install_llama_cpp.sh"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "GPU offload is installed: keeping it" in done.stdout
+
+
+def test_the_attention_kernel_a_call_gets_is_read_from_the_call():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stratos_lite.sdpa_report import attention_line, kernel_of_call, training_kernel
+
+    assert training_kernel(4, 2, 16, torch.device("cpu"), torch.float32) == "flash"  # the CPU's flash kernel
+    q, k, v = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert kernel_of_call(q, k, v, None, backward=True) == "math"
+    config = sl.Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert attention_line(config, torch.device("cpu"), torch.float32).startswith(
+        "attention: SDPA runs the training call on the flash kernel, torch ")
+    assert "attention_kernel = 'math'" in attention_line(config, torch.device("cpu"), torch.float32, "math")

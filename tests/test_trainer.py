@@ -167,6 +167,7 @@ def test_nan_guard_stops_with_diagnosis(demo_dir, tmp_path, monkeypatch):
     assert "first module whose output went non-finite: model.layers.1.mlp" in message
     assert "first parameter with a non-finite gradient: model.layers.0.self_attn.q_proj.lora_A" in message
     assert "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1" in message
+    assert "attention: SDPA runs the training call on the flash kernel, torch " in message  # the CPU's flash
     assert (tmp_path / "nonfinite_diagnosis.txt").read_text().strip() == message
     adapter = final_adapter(tmp_path)
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
