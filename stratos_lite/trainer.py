@@ -252,7 +252,10 @@ class Trainer:
         return attention_line(config, self.device, self.compute_dtype, self.config.attention_kernel)
 
     def _on_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "lengths"}
+        """The batch on the model's device; to a GPU through pinned memory, so the copy does not wait for it."""
+        gpu = self.device.type == "cuda"
+        return {k: (v.pin_memory() if gpu else v).to(self.device, non_blocking=gpu) if isinstance(v, torch.Tensor)
+                else v for k, v in batch.items() if k != "lengths"}
 
     def _print(self, text: str) -> None:
         if self.strategy.is_main:
