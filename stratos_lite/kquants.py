@@ -22,6 +22,7 @@ import torch
 SUPER_BLOCK = 256  # values per super-block (QK_K)
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 TINY = 1e-15  # GROUP_MAX_EPS: a sub-block whose largest magnitude is below this is all zeros
+CHUNK_VALUES = 1 << 19  # values quantized at a time: 256 K-1 M measured fastest here (benchmarks/RESULTS.md)
 _F32 = torch.float32
 
 
@@ -30,9 +31,13 @@ def quantize_k(weight: torch.Tensor, kind: str) -> np.ndarray:
     rows, columns = weight.shape
     if columns % SUPER_BLOCK:
         raise ValueError(f"{kind} needs rows of a multiple of {SUPER_BLOCK} values, got {columns}")
-    x = weight.detach().to("cpu", _F32).reshape(-1, SUPER_BLOCK)
-    blocks = _q6_k(x) if kind == "q6_k" else _q45_k(x, kind)
-    return blocks.numpy().reshape(rows, columns // SUPER_BLOCK * BLOCK_BYTES[kind])
+    out = np.empty((rows, columns // SUPER_BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // columns)  # a chunk's working buffers stay in cache, and memory stays bounded
+    for start in range(0, rows, step):
+        x = weight[start:start + step].detach().to("cpu", _F32).reshape(-1, SUPER_BLOCK)
+        blocks = _q6_k(x) if kind == "q6_k" else _q45_k(x, kind)
+        out[start:start + step] = blocks.numpy().reshape(-1, out.shape[1])
+    return out
 
 
 def _sequential_sum(terms: torch.Tensor, dim: int) -> torch.Tensor:
