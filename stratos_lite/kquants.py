@@ -7,11 +7,11 @@ super-block's fp16 d and dmin; q has 4 or 5 bits. Q6_K splits it into 16 sub-blo
 
 The search for each sub-block's scale follows ggml-quants.c (`make_qkx2_quants` for Q4_K/Q5_K,
 `make_qx_quants` for Q6_K) without an importance matrix, which is what `llama-quantize` uses when none is
-given. It is written here in float32 tensor operations, vectorised over every sub-block of a block of rows
-and over every candidate scale at once, and in the C code's order of operations: each sum accumulates its
-terms one after another (not pairwise), so that the rounding, hence the chosen scales and the bytes, are
-llama.cpp's. The choice between candidates is made in the C code's order too (the first strictly better
-one wins), on per-sub-block values, which is cheap.
+given. It is written here in float32 tensor operations, vectorised over every sub-block of a chunk of rows,
+in the C code's order of operations: each sum accumulates its terms one after another (not pairwise), the
+square root is correctly rounded, and the candidate scales are tried one after another, the first strictly
+better one winning, so that the rounding, hence the chosen scales and the bytes, are llama.cpp's
+(tests/test_kquants.py compares every block with llama_model_quantize's).
 """
 
 from __future__ import annotations
@@ -72,24 +72,16 @@ _QKX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
 def _q45_k(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Q4_K or Q5_K blocks of x (super-blocks, 256): d, dmin, 12 bytes of 6-bit scales and mins, the codes."""
     nmax = _QKX2[kind][0]
     n = x.shape[0]
     sub = x.reshape(n * 8, 32).T.contiguous()  # (32, sub-blocks): column sums run over contiguous rows
     scales, mins, search_codes = _scale_and_min(sub, kind)
-    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-    # C starts both maxima at +0 and keeps a value only if greater: a -0 minimum must not become the maximum.
-    max_scale = torch.where(scales > 0, scales, 0.0).amax(dim=1)
-    max_min = torch.where(mins > 0, mins, 0.0).amax(dim=1)
-    inv_scale = torch.where(max_scale > 0, torch.tensor(63.0) / max_scale, torch.zeros(()))
-    inv_min = torch.where(max_min > 0, torch.tensor(63.0) / max_min, torch.zeros(()))
-    scale_codes = _six_bits(inv_scale[:, None] * scales)
-    min_codes = _six_bits(inv_min[:, None] * mins)
-    d = _fp16(max_scale / 63.0)
-    dmin = _fp16(max_min / 63.0)
+    d, scale_codes = _six_bit_codes(scales.reshape(n, 8))
+    dmin, min_codes = _six_bit_codes(mins.reshape(n, 8))
     step = d[:, None] * scale_codes.to(_F32)  # (n, 8): each sub-block's d * sc and dmin * m
     offset = dmin[:, None] * min_codes.to(_F32)
-    values = x.reshape(n, 8, 32)
-    codes = _nearest((values + offset[..., None]) / step[..., None]).clamp(0, nmax)
+    codes = _nearest((x.reshape(n, 8, 32) + offset[..., None]) / step[..., None]).clamp(0, nmax)
     # Where d * sc is 0 the C code keeps the search's codes.
     search_codes = search_codes.T.reshape(n, 8, 32)
     codes = torch.where((step == 0)[..., None], search_codes, codes).to(torch.uint8).reshape(n, 256)
@@ -97,6 +89,14 @@ def _q45_k(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "q4_k":
         return torch.cat([header, _pack_nibbles(codes)], dim=1)
     return torch.cat([header, _pack_fifth_bits(codes), _pack_nibbles(codes & 15)], dim=1)
+
+
+def _six_bit_codes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A super-block's 8 scales (or mins) as an fp16 unit, largest / 63, and 6-bit codes in that unit."""
+    # C starts the maximum at +0 and keeps a value only if greater: a -0 minimum must not become it.
+    largest = torch.where(values > 0, values, 0.0).amax(dim=1)
+    inverse = torch.where(largest > 0, torch.tensor(63.0) / largest, torch.zeros(()))
+    return _fp16(largest / 63.0), _six_bits(inverse[:, None] * values)
 
 
 def _scale_and_min(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,6 +198,7 @@ _QX_OFFSETS = torch.tensor([0.0] + [step for step in range(-9, 10) if step], dty
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks of x (super-blocks, 256): low nibbles, high bit pairs, 16 signed scales, fp16 d."""
     n = x.shape[0]
     sub = x.reshape(n * 16, 16).T.contiguous()  # (16, sub-blocks)
     scales, search_codes = _signed_scale(sub)
