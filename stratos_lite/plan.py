@@ -35,6 +35,7 @@ from .data import IGNORE_INDEX, ScoredDataset, read_training_data
 from .dora import apply_dora, dora_layers
 from .model import Qwen3Config, Qwen3ForCausalLM
 from .packing import PaddingEstimate, estimate_padding
+from .sdpa_report import training_kernel
 from .weights import parse_size
 
 GB = 1e9
@@ -344,13 +345,28 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM"
 
 
+def planned_attention(config: TrainConfig, model_config: Qwen3Config, device: torch.device,
+                      dtype: torch.dtype) -> tuple[str, str | None]:
+    """The attention the plan simulates, and a note when it is not the one asked for: on a GPU whose SDPA
+    gives training only the math kernel (Navi31 without AOTriton's experimental kernels), its fp32 T x T
+    scores are part of every layer's activations, and the plan must count them."""
+    if config.attention_kernel == "math" or device.type != "cuda":
+        return config.attention_kernel, None
+    kernel = training_kernel(model_config.num_attention_heads, model_config.num_key_value_heads,
+                             model_config.head_dim, device, dtype)
+    if kernel != "math":
+        return config.attention_kernel, None
+    return "math", ("SDPA gives training only the math kernel on this GPU: its fp32 T x T attention scores are "
+                    "counted (on ROCm, TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1 enables the fused kernels)")
+
+
 class _Simulator:
     """Simulated micro-batches of one model and config at any batch size (the fake model is built once)."""
 
-    def __init__(self, model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype):
+    def __init__(self, model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype, attention: str):
         self.mode = FakeTensorMode()
         self.dtype = dtype
-        self.attention_kernel = config.attention_kernel  # the math kernel's probabilities count as activations
+        self.attention_kernel = attention  # the math kernel's probabilities count as activations
         with self.faking():
             self.model = _fake_model(model_config, config, dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -443,7 +459,9 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     share = data.completion_share if data else 1.0
     seq = config.row_tokens if config.packing else (data.longest if data else config.max_len)
     completion_len = math.ceil(seq * share) if config.packing else (data.longest_completion if data else seq)
-    simulator = _Simulator(model_config, config, dtype)
+    attention, note = planned_attention(config, model_config, device, dtype)
+    notes += [note] if note else []
+    simulator = _Simulator(model_config, config, dtype, attention)
     counts = _count(simulator.model, config.mode)
     gradients = 4 * counts.trainable
     persistent = counts.weight_bytes + counts.trainable_bytes + 2 * gradients  # + AdamW's two fp32 moments

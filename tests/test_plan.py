@@ -46,7 +46,7 @@ def real_model(config: sl.TrainConfig) -> sl.Qwen3ForCausalLM:
 def test_simulated_micro_batch_holds_the_bytes_a_real_one_does(settings):
     config = sl.TrainConfig(rank=4, alpha=8, **settings)
     dtype = sl.compute_dtype(config.dtype, torch.device("cpu"))
-    fake = _Simulator(TINY, config, dtype).micro_batch(3, 40, 25, with_grads=False)
+    fake = _Simulator(TINY, config, dtype, config.attention_kernel).micro_batch(3, 40, 25, with_grads=False)
     with attention_kernel(config.attention_kernel):  # as the Trainer runs a micro-batch
         real = _simulate_micro_batch(real_model(config), 3, 40, 25, dtype)
     assert fake == real
@@ -154,12 +154,30 @@ def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     assert plans["fsdp"].peak < plans["ddp"].peak
 
 
+def test_a_gpu_whose_sdpa_trains_on_the_math_kernel_is_planned_with_it(monkeypatch):
+    """Navi31 without AOTriton's experimental kernels: SDPA's training call runs the math kernel, so the plan
+    simulates it (its T x T scores counted) and says why; a fused kernel leaves the setting as it is."""
+    import importlib
+
+    plan_module = importlib.import_module("stratos_lite.plan")  # the package's `plan` is the function
+
+    config = sl.TrainConfig(dtype="bfloat16")
+    gpu = torch.device("cuda")
+    for kernel, expected in (("math", "math"), ("efficient", "sdpa"), ("flash", "sdpa")):
+        monkeypatch.setattr(plan_module, "training_kernel", lambda *args, kernel=kernel: kernel)
+        attention, note = plan_module.planned_attention(config, TINY, gpu, torch.bfloat16)
+        assert attention == expected and (note is not None) == (kernel == "math")
+    monkeypatch.setattr(plan_module, "training_kernel", lambda *args: "math")
+    assert "T x T attention scores are counted" in plan_module.planned_attention(config, TINY, gpu, torch.bfloat16)[1]
+    assert plan_module.planned_attention(config, TINY, torch.device("cpu"), torch.bfloat16) == ("sdpa", None)
+
+
 def test_math_attention_kernel_counts_its_probabilities():
     """The math kernel keeps each layer's (batch x heads x length x length) softmax for the backward; the
     plan counts it (the sdpa kernel keeps a row statistic instead)."""
     batch, seq = 3, 40
     saved = {kernel: _Simulator(TINY, sl.TrainConfig(mode="full", dtype="float32", gradient_checkpointing=False,
-                                                     attention_kernel=kernel), torch.float32)
+                                                     attention_kernel=kernel), torch.float32, kernel)
              .micro_batch(batch, seq, 25, with_grads=False).saved for kernel in ("sdpa", "math")}
     probabilities = TINY.num_hidden_layers * batch * TINY.num_attention_heads * seq * seq * 4
     assert saved["math"] - saved["sdpa"] >= probabilities
