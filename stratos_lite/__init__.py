@@ -3,6 +3,7 @@
     load_pretrained / apply_dora / ScoredDataset / TrainConfig / Trainer     train (plan() first: will it fit?)
     evaluate (TorchEngine, LlamaCppEngine)                                   score by generation, and the GGUF
     save_adapter / merge_dora / save_pretrained / export_gguf                ship: PEFT, HF folder, GGUF
+    format_quant_table / smallest_within                                     which GGUF quant to ship
 
 The `stratos-lite` command runs the same as subcommands (stratos_lite/commands).
 """
@@ -29,6 +30,8 @@ from .lock import LockError
 from .model import KVCache, Qwen3Config, Qwen3ForCausalLM
 from .plan import Plan, PlanError, plan
 from .preemption import Interrupted
+from .quant_choice import format_quant_table, smallest_within
+from .quant_types import QuantFallbackWarning
 from .sampler import BandSampler, verify_sampler
 from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
 from .trainer import Trainer, TrainResult
@@ -56,6 +59,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Prediction",
+    "QuantFallbackWarning",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "ScoredDataset",
@@ -72,6 +76,7 @@ __all__ = [
     "evaluate",
     "export_gguf",
     "export_gguf_from_folder",
+    "format_quant_table",
     "generate",
     "load_adapter",
     "load_model",
@@ -84,6 +89,7 @@ __all__ = [
     "render_prompt",
     "save_adapter",
     "save_pretrained",
+    "smallest_within",
     "train_chatml_tokenizer",
     "verify_sampler",
 ]
