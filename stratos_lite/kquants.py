@@ -113,7 +113,9 @@ def _scale_and_min(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tens
     high = x.amax(dim=0)
     minimum = x.amin(dim=0).clamp(max=0)
     flat = high == minimum
-    trial = torch.empty_like(x)
+    # The trial codes beside x, so that one multiply by w * l gives both w * l * l and w * l * x.
+    codes_and_x = torch.stack([torch.empty_like(x), x], dim=1)
+    trial = codes_and_x[:, 0]
     terms = torch.empty(x.shape[0], 3, x.shape[1])  # w * l, w * l * l, w * l * x, summed together
     error_terms = torch.empty_like(x)
     inverse = float(nmax) / (high - minimum)
@@ -130,8 +132,7 @@ def _scale_and_min(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tens
         inverse = numerator / (high - minimum)
         _codes(x, inverse, minimum, nmax, out=trial)
         weighted = torch.mul(weights, trial, out=terms[:, 0])
-        torch.mul(weighted, trial, out=terms[:, 1])
-        torch.mul(weighted, x, out=terms[:, 2])
+        torch.mul(weighted.unsqueeze(1), codes_and_x, out=terms[:, 1:])
         sum_l, sum_l2, sum_xl = _sequential_sum(terms, 0)
         det = sum_w * sum_l2 - sum_l * sum_l
         trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -226,8 +227,9 @@ def _signed_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     columns = torch.arange(x.shape[1])
     peak = x[x.abs().argmax(dim=0), columns]  # the first value of largest magnitude, sign kept
     tiny = x.abs().amax(dim=0) < TINY
-    weight_x = x * x * x  # (w * x) with w = x^2, as C's w*x[i]*l groups it
     weight = x * x
+    # (w * x, w) with w = x^2, as C's w*x[i]*l and w*l*l group them: one multiply by l gives both terms' start.
+    weights = torch.stack([weight * x, weight], dim=1)
     trial = torch.empty_like(x)
     terms = torch.empty(x.shape[0], 2, x.shape[1])  # w * x * l, w * l * l, summed together
     chosen_inverse = -nmax / peak
@@ -235,8 +237,8 @@ def _signed_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for offset in _QX_OFFSETS:
         inverse = -(nmax + offset) / peak
         torch.mul(x, inverse, out=trial).round_().clamp_(-nmax, nmax - 1)
-        torch.mul(weight_x, trial, out=terms[:, 0])
-        torch.mul(weight, trial, out=terms[:, 1]).mul_(trial)
+        torch.mul(weights, trial.unsqueeze(1), out=terms)
+        terms[:, 1].mul_(trial)
         sum_lx, sum_l2 = _sequential_sum(terms, 0)
         if scale is None:  # the first candidate is taken as it is
             scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, 0.0)
