@@ -27,25 +27,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_speed import SHAPES, device, device_name  # noqa: E402
+from timing import median_seconds  # noqa: E402
+
 import stratos_lite as sl  # noqa: E402
 from stratos_lite.model import attend  # noqa: E402
 from stratos_lite.sdpa_report import kernel_of_call, versions  # noqa: E402
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def environment() -> list[tuple[str, str]]:
-    rows = [("python", platform.python_version()), ("versions", versions())]
+    rows = [("python", platform.python_version()), ("versions", versions()), ("device", device_name())]
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        arch = getattr(props, "gcnArchName", "") or f"sm_{props.major}{props.minor}"
-        rows += [("card", f"{props.name} ({arch})"), ("memory", f"{props.total_memory / 2**30:.1f} GiB"),
+        memory = torch.cuda.get_device_properties(0).total_memory
+        rows += [("memory", f"{memory / 2**30:.1f} GiB"),
                  ("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", os.environ.get("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL",
                                                                             "unset"))]
-    else:
-        rows.append(("card", f"none: CPU, {torch.get_num_threads()} threads"))
     return rows
 
 
@@ -79,7 +76,7 @@ def kernel_of(call: dict, dtype: torch.dtype) -> tuple[str, float]:
     return kernel, ((out - exact).abs().max() / exact.abs().max()).item()
 
 
-def run_tests(dry_run: bool) -> str:
+def run_tests() -> str:
     env = {**os.environ, "STRATOS_TEST_DEVICE": str(device())}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_on_device.py"],
@@ -108,8 +105,7 @@ def decode_speed(dry_run: bool) -> list[tuple[int, float, float]]:
 
     shape = (dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16) if dry_run else
-             dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True))
+             SHAPES["qwen3-0.6b"])
     dtype = torch.float32 if dry_run else torch.bfloat16
     torch.manual_seed(0)
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape)).to(device(), dtype).eval()
@@ -120,8 +116,8 @@ def decode_speed(dry_run: bool) -> list[tuple[int, float, float]]:
     for batch in (1, 16):
         prompts = [list(range(10 + i, 10 + i + prompt)) for i in range(batch)]
         ids = torch.tensor(prompts, device=device())
-        mine = _seconds(lambda p=prompts: sl.generate(ours, p, max_new_tokens=new))
-        theirs = _seconds(lambda i=ids: _hf_greedy(hf, i, new))
+        mine = median_seconds(lambda p=prompts: sl.generate(ours, p, max_new_tokens=new), repeats=3, warmup=1)
+        theirs = median_seconds(lambda i=ids: _hf_greedy(hf, i, new), repeats=3, warmup=1)
         rows.append((batch, batch * new / mine, batch * new / theirs))
     return rows
 
@@ -130,20 +126,6 @@ def _hf_greedy(model, ids: torch.Tensor, new: int) -> None:
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, pad_token_id=0, eos_token_id=None)
-
-
-def _seconds(run) -> float:
-    run()  # warm-up
-    best = float("inf")
-    for _ in range(2):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -161,7 +143,7 @@ def main() -> None:
     for name, call in attention_calls(args.dry_run).items():
         kernel, error = kernel_of(call, dtype)
         print(f"| {name} | {kernel} | {error:.2e} |")
-    print(f"\ntests on the device: {run_tests(args.dry_run)}\n")
+    print(f"\ntests on the device: {run_tests()}\n")
     print("\n".join(step_speed(args.dry_run)))
     print("\n| greedy decoding | stratos_lite tokens/s | transformers tokens/s | ratio |\n|---|---:|---:|---:|")
     for batch, mine, theirs in decode_speed(args.dry_run):

@@ -129,7 +129,7 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
                      spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
                      gguf=shipped, **settings)
     choice = smallest_within(after)
-    gguf_path = next((path for path in ggufs if choice and path.name == choice.name), ggufs[0])
+    gguf_path = choice.path if choice else ggufs[0]
     write_modelfile(gguf_path, SYSTEM_PROMPT)
     lap("evaluation")
 

@@ -19,7 +19,7 @@ SPEARMAN_TOLERANCE = 0.02
 @dataclass(frozen=True)
 class QuantScore:
     """One GGUF file's size, speed in llama.cpp and task metrics, with its agreement with the torch model."""
-    name: str
+    path: Path
     size_bytes: int
     examples_per_s: float
     spearman: float | None
@@ -28,13 +28,17 @@ class QuantScore:
     parse_failures: int
     agreement: float | None  # share of examples within 0.5 points of the torch model's score
 
+    @property
+    def name(self) -> str:
+        return self.path.name
+
 
 def quant_scores(result: dict) -> list[QuantScore]:
     """A row per GGUF file that `evaluate` scored, smallest file first."""
-    rows = [QuantScore(name, Path(engine["file"]).stat().st_size, engine["examples_per_s"], engine["spearman"],
-                       engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
+    rows = [QuantScore(Path(engine["file"]), Path(engine["file"]).stat().st_size, engine["examples_per_s"],
+                       engine["spearman"], engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
                        engine["agreement"]["within_0_5"])
-            for name, engine in result.get("engines", {}).items()]
+            for engine in result.get("engines", {}).values()]
     return sorted(rows, key=lambda row: row.size_bytes)
 
 

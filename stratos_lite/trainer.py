@@ -13,6 +13,7 @@ run_state.py, what a non-finite step reports in guard.py, and how checkpoints si
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
@@ -243,9 +244,11 @@ class Trainer:
         for flag in risky_flags():
             self._print(f"WARNING: {flag} is set. Unset it if gradients go NaN.")
         if self.device.type != "cpu":  # which kernel SDPA gives training here decides memory, speed and NaNs
-            self._print(self._attention_line())
+            self._print(self._attention_line)
 
+    @functools.cached_property
     def _attention_line(self) -> str:
+        """Found once (a profiled attention call) for the start of a GPU run and for the NaN diagnosis."""
         config = getattr(self.model, "config", None)
         if config is None:
             return "attention: unknown (the model has no Qwen3 config)"
@@ -381,7 +384,7 @@ class Trainer:
 
         bad_parameter = first_nonfinite_gradient(self.model, self.params, self.strategy.local)
         report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards),
-                           self._attention_line())
+                           self._attention_line)
         if self.strategy.is_main:
             write_text(self.out_dir / "nonfinite_diagnosis.txt", report + "\n")
         self._save_adapter()  # the weights are still finite: keep them

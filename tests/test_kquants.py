@@ -168,7 +168,7 @@ def test_type_choice_without_a_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tensor_type("blk.2.attn_norm.weight", (256,), "q4_k_m", 8, False) == T.F32
-        assert tensor_type("blk.2.ffn_down.weight", (256, 512), "q4_k_m", 28, False) == T.Q6_K  # 2 < 28 // 8 + 0
+        assert tensor_type("blk.2.ffn_down.weight", (256, 512), "q4_k_m", 28, False) == T.Q6_K  # 2 < 28 // 8
         assert tensor_type("blk.4.ffn_down.weight", (256, 512), "q4_k_m", 28, False) == T.Q4_K
         assert tensor_type("blk.4.ffn_down.weight", (256, 512), "q6_k", 28, False) == T.Q6_K
         assert tensor_type("token_embd.weight", (1000, 512), "q5_k_m", 28, False) == T.Q5_K

@@ -77,7 +77,7 @@ def _main(args: argparse.Namespace) -> None:
                           gguf=paths)
         print(format_quant_table(result, args.tolerance))
         best = smallest_within(result, args.tolerance)
-        chosen = next((p for p in paths if best and p.name == best.name), chosen)
+        chosen = best.path if best else chosen
         write_modelfile(chosen, system)
     print(f"wrote {chosen.with_name('Modelfile')} (FROM ./{chosen.name})")
 
