@@ -31,7 +31,8 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     for quant in ("q8_0", "q4_k_m"):  # both exported and scored; the Modelfile serves the chosen one
         reader = gguf.GGUFReader(out / f"scorer-{quant}.gguf")
         assert len(reader.tensors) == 2 + 11 * 2
-        assert summary["gguf"][f"scorer-{quant}.gguf"]["examples"] == 9
+        shipped = summary["gguf"][f"scorer-{quant}.gguf"]
+        assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0  # served prompts, every quant
     chosen = summary["chosen_gguf"] or "scorer-q8_0.gguf"
     assert (out / "Modelfile").read_text().startswith(f"FROM ./{chosen}")
     assert json.loads((out / "dora" / "sampler_verification.json").read_text())["batches"] == 50
