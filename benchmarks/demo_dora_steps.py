@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import stratos_lite as sl
-from stratos_lite.demo_run import DemoConfig, _phase_config
+from stratos_lite.demo_config import DemoConfig, phase_config
 from stratos_lite.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def main() -> None:
     config.out_dir = str(out)
     config.dora = {**config.dora, "max_steps": args.steps, "grad_accum": args.grad_accum, "save_every": 10**6,
                    "progress": False}
-    phase = _phase_config(config, "dora")
+    phase = phase_config(config, "dora")
     start = time.perf_counter()
     model, tokenizer = sl.load_pretrained(demo / "base_model", dtype=torch.float32)
     train = sl.ScoredDataset.from_jsonl(demo / "data" / "train.jsonl", tokenizer, max_len=phase.max_len)

@@ -2,8 +2,9 @@
 
     python benchmarks/demo_seeds.py --seeds 0-7 [--demo-config FILE] [--out /tmp/demo_seeds]
 
-Each seed runs the whole demo (data, base phase, DoRA phase, GGUF export, evaluation with the adapters
-off and on and of the GGUF files in llama.cpp) as `stratos-lite demo` does, with only the seed changed
+Each seed runs the whole demo (data, the base: shipped, or trained with vendored_base = false; DoRA phase,
+GGUF export, evaluation with the adapters off and on and of the GGUF files in llama.cpp) as `stratos-lite
+demo` does, with only the seed changed
 (and FILE's settings laid over demo.toml, as `--demo-config` does). One row per seed: held-out Spearman
 (torch with adapters, and each GGUF), MAE, the profile-awareness spread against the truth's, parse
 failures, the base's verdict errors (its adapters-off completions read back: how many of the "matches /
@@ -15,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
-from stratos_lite.demo_run import DemoConfig, run_demo
-
-VERDICTS = {"sector": r"Article sector .+? (matches|differs)\.", "topic": r"Article topic .+? (listed|unlisted)\.",
-            "country": r"Article country .+? (same|elsewhere)\."}
+from stratos_lite.demo_base import verdict_errors
+from stratos_lite.demo_config import DemoConfig
+from stratos_lite.demo_run import run_demo
 
 
 def seed_list(text: str) -> list[int]:
@@ -34,18 +33,12 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-def verdict_errors(eval_path: Path, predictions_path: Path) -> dict[str, int]:
-    """Per kind, how many verdicts of the model's completions disagree with the true reasoning's (a verdict
-    the model did not write counts as an error)."""
-    truth = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
-    written = [json.loads(line) for line in predictions_path.read_text().splitlines() if line.strip()]
-    errors = dict.fromkeys(VERDICTS, 0)
-    for record, prediction in zip(truth, written, strict=True):
-        for kind, pattern in VERDICTS.items():
-            expected = re.search(pattern, record["reasoning"]).group(1)
-            found = re.search(pattern, prediction["raw"])
-            errors[kind] += found is None or found.group(1) != expected
-    return errors
+def base_verdict_errors(folder: Path) -> dict[str, int]:
+    """The adapters-off model's verdict errors on the seed's held-out records, read from its completions."""
+    truth = [json.loads(line)["reasoning"] for line in (folder / "data" / "eval.jsonl").read_text().splitlines()]
+    written = [json.loads(line)["raw"] for line in (folder / "eval_before" / "predictions.jsonl").read_text()
+               .splitlines()]
+    return verdict_errors(truth, written)
 
 
 def run_seed(seed: int, overlay: Path | None, out: Path) -> dict:
@@ -61,8 +54,7 @@ def run_seed(seed: int, overlay: Path | None, out: Path) -> dict:
             "spread": after.get("predicted_spread"), "truth_spread": after.get("truth_spread"),
             "parse_failures": after["parse_failures"],
             "adapters_off_spearman": summary["before"]["spearman"],
-            "base_verdict_errors": verdict_errors(folder / "data" / "eval.jsonl",
-                                                  folder / "eval_before" / "predictions.jsonl"),
+            "base_verdict_errors": base_verdict_errors(folder),
             "seconds": seconds}
 
 

@@ -20,7 +20,7 @@ import stratos_lite as sl
 from stratos_lite.config import bf16_is_native
 from stratos_lite.data import collate
 from stratos_lite.demo import make_demo_data
-from stratos_lite.demo_run import DemoConfig
+from stratos_lite.demo_config import DemoConfig
 from stratos_lite.trainer import example_losses
 
 

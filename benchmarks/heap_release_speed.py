@@ -23,7 +23,7 @@ import torch
 from dtype_speed import demo_base_phase
 
 import stratos_lite as sl
-from stratos_lite.demo_run import _phase_config
+from stratos_lite.demo_config import phase_config
 
 SETTINGS = ("off", "steps", "layers")
 
@@ -37,7 +37,7 @@ def step_seconds(demo, tokenizer, data, heap_release: str, steps: int) -> list[f
         torch.manual_seed(demo.seed)
         model = sl.Qwen3ForCausalLM(sl.Qwen3Config(vocab_size=tokenizer.vocab_size, **demo.model))
         with redirect_stdout(StringIO()):  # the Trainer's summary
-            sl.Trainer(model, data, _phase_config(demo, "base"), pad_id=tokenizer.pad_id).train()
+            sl.Trainer(model, data, phase_config(demo, "base"), pad_id=tokenizer.pad_id).train()
         lines = (Path(out_dir) / "base" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step_seconds"] for line in lines[1:]]
 

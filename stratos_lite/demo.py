@@ -185,9 +185,9 @@ def pick_profiles(article: Article, count: int, rng: random.Random, related_shar
     return chosen
 
 
-def make_records(articles: int, profiles_per_article: int, seed: int, first_index: int = 0,
+def make_records(articles: int, profiles_per_article: int, seed: int | str, first_index: int = 0,
                  related_share: float = 0.07) -> list[dict]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # a str seed is hashed by SHA-512: the same stream on every machine and run
     records = []
     for index in range(first_index, first_index + articles):
         article = make_article(index, rng)
@@ -209,22 +209,29 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
 
 
 def make_demo_data(out_dir: str | Path, train_articles: int = 600, eval_articles: int = 60,
-                   profiles_per_article: int = 5, vocab_size: int = 2048, seed: int = 0) -> dict[str, Path]:
-    """Write train.jsonl, eval.jsonl, base.jsonl (other articles, with profile-blind labels, for the base
-    phase) and a tokenizer folder under `out_dir`; returns their paths."""
+                   profiles_per_article: int = 5, vocab_size: int = 2048, seed: int = 0,
+                   tokenizer: Tokenizer | None = None, base_articles: int | None = None) -> dict[str, Path]:
+    """Write train.jsonl, eval.jsonl, base.jsonl (`base_articles` other articles, by default as many as
+    train's, with profile-blind labels, for the base phase) and a tokenizer folder under `out_dir`; returns
+    their paths. The tokenizer is trained on the base articles and as many of train's, unless one is given
+    (the shipped base's: every seed's data is made of the same words)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_records(train_articles, profiles_per_article, seed)
-    evaluation = make_records(eval_articles, profiles_per_article, seed + 1, first_index=train_articles)
+    # Each split draws from its own named stream: no seed's eval articles are another seed's training ones
+    # (the vendored base was trained on seed 0's base split; every seed's eval must be new to it).
+    train = make_records(train_articles, profiles_per_article, f"train-{seed}")
+    evaluation = make_records(eval_articles, profiles_per_article, f"eval-{seed}", first_index=train_articles)
     # The base phase reads its own articles, with related readers far more often than the real data has
     # them, so that the few minutes it gets are enough to learn to read a profile.
-    base = profile_blind(make_records(train_articles, profiles_per_article, seed + 2,
+    base_articles = train_articles if base_articles is None else base_articles
+    base = profile_blind(make_records(base_articles, profiles_per_article, f"base-{seed}",
                                       first_index=train_articles + eval_articles, related_share=0.5))
     paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "base": out / "base.jsonl",
              "tokenizer": out / "tokenizer"}
     write_jsonl(train, paths["train"])
     write_jsonl(evaluation, paths["eval"])
     write_jsonl(base, paths["base"])
-    tokenizer: Tokenizer = train_chatml_tokenizer(tokenizer_corpus(train + base), vocab_size=vocab_size)
+    corpus = tokenizer_corpus(train[:base_articles * profiles_per_article] + base)  # the base's, whatever train's size
+    tokenizer = tokenizer or train_chatml_tokenizer(corpus, vocab_size=vocab_size)
     tokenizer.save_pretrained(paths["tokenizer"])
     return paths

@@ -1,77 +1,37 @@
 """The whole pipeline on the embedded demo, the report's phases scaled down to a CPU and a few minutes:
 
-data + tokenizer -> a small random Qwen3 -> base phase (full fine-tuning on profile-blind labels, like the
-report's V1) -> DoRA phase (the report's recipe: band sampling, loss weights, accumulation, cosine,
-clipping, checkpoints) -> q8_0 and q4_k_m GGUFs (exported from the unmerged model) -> evaluation with the
-adapters off and on, and of each GGUF in llama.cpp when it is installed, with the smallest file that
-scores as the model does chosen for the Modelfile -> merged HF folder.
+data -> the profile-blind base (the report's V1: a small Qwen3 fully fine-tuned on profile-blind labels,
+shipped in stratos_lite/demo_base/, or trained here with vendored_base = false; demo_base.py) -> DoRA
+phase (the report's recipe: band sampling, loss weights, accumulation, cosine, clipping, checkpoints) ->
+q8_0 and q4_k_m GGUFs (exported from the unmerged model) -> evaluation with the adapters off and on, and
+of each GGUF in llama.cpp when it is installed, with the smallest file that scores as the model does
+chosen for the Modelfile -> merged HF folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .atomic import write_text
-from .config import TrainConfig, compute_dtype
+from .config import compute_dtype
 from .data import SYSTEM_PROMPT, ScoredDataset
 from .demo import make_demo_data
+from .demo_base import VENDORED_BASE, load_vendored_base, train_base
+from .demo_config import DemoConfig, phase_config
 from .dora import adapters_disabled, apply_dora, merge_dora
 from .evaluate import evaluate
-from .files import read_toml
 from .gguf_export import export_gguf, write_modelfile
-from .model import Qwen3Config, Qwen3ForCausalLM
 from .quant_choice import SPEARMAN_TOLERANCE, smallest_within
 from .tokenizer import Tokenizer
 from .trainer import Trainer
 from .weights import save_pretrained
-
-DEMO_TOML = Path(__file__).with_name("demo.toml")  # the demo's settings: the one place its numbers live
-
-
-def _demo_toml(key: str):
-    """One of demo.toml's settings or sections, read afresh (a section is a dict the caller may change)."""
-    return read_toml(DEMO_TOML)[key]
-
-
-@dataclass
-class DemoConfig:
-    """The demo's settings; every default is stratos_lite/demo.toml's, where each number's reason is written."""
-    out_dir: str = field(default_factory=lambda: _demo_toml("out_dir"))
-    seed: int = field(default_factory=lambda: _demo_toml("seed"))
-    data: dict = field(default_factory=lambda: _demo_toml("data"))
-    model: dict = field(default_factory=lambda: _demo_toml("model"))
-    base: dict = field(default_factory=lambda: _demo_toml("base"))
-    dora: dict = field(default_factory=lambda: _demo_toml("dora"))
-    eval: dict = field(default_factory=lambda: _demo_toml("eval"))
-    export: dict = field(default_factory=lambda: _demo_toml("export"))
-
-    @classmethod
-    def from_toml(cls, path: str | Path = DEMO_TOML) -> DemoConfig:
-        """demo.toml with a user's file over it: a setting given there replaces the default, section by section
-        (a file holding only `seed = 1` changes only the seed)."""
-        values = read_toml(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(values.keys() - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown section or setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        defaults = cls()
-        merged = {k: ({**getattr(defaults, k), **v} if isinstance(v, dict) else v) for k, v in values.items()}
-        return cls(**merged)
-
-
-def _phase_config(config: DemoConfig, phase: str) -> TrainConfig:
-    shared = {"out_dir": str(Path(config.out_dir) / phase), "seed": config.seed, "dtype": "auto",
-              "gradient_checkpointing": False, "warmup_ratio": 0.05, "max_grad_norm": 1.0}
-    return TrainConfig(**{**shared, **getattr(config, phase)})
 
 
 def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
@@ -81,7 +41,6 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     if out.exists() and not reuse:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -91,18 +50,20 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
         clock = time.perf_counter()
         print(f"== {name} done in {timings[name]:.1f} s", flush=True)
 
-    paths = make_demo_data(out / "data", seed=config.seed, **config.data)
+    # The shipped base (its settings checked before any work) and its tokenizer, which every seed's data shares.
+    model, shipped_tokenizer = load_vendored_base(config) if config.vendored_base else (None, None)
+    paths = make_demo_data(out / "data", seed=config.seed, tokenizer=shipped_tokenizer, **config.data)
     tokenizer = Tokenizer.from_pretrained(paths["tokenizer"])
-    base_cfg, dora_cfg = _phase_config(config, "base"), _phase_config(config, "dora")
-    base_data = ScoredDataset.from_jsonl(paths["base"], tokenizer, max_len=base_cfg.max_len)
+    dora_cfg = phase_config(config, "dora")
     train_data = ScoredDataset.from_jsonl(paths["train"], tokenizer, max_len=dora_cfg.max_len)
     train_data.report.write(out)
     lap("data")
 
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=tokenizer.vocab_size, **config.model))
-    print(f"base phase: full fine-tuning of a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter "
-          "Qwen3 on profile-blind labels (the report's V1)")
-    Trainer(model, base_data, base_cfg, pad_id=tokenizer.pad_id).train()
+    if model is None:
+        model, _ = train_base(config, paths, tokenizer)
+    else:
+        print(f"base: the profile-blind base shipped in {VENDORED_BASE} (the report's V1, made once by "
+              "tools/make_demo_base.py; vendored_base = false trains it here)")
     save_pretrained(model, tokenizer, out / "base_model", dtype=torch.float32)
     lap("base phase")
 

@@ -10,14 +10,10 @@ from stratos_lite.demo_run import DemoConfig, run_demo
 
 
 def test_demo_pipeline_tiny(tmp_path, capfd):
+    """The default path at a tiny size: the shipped base, a few DoRA steps on a few articles."""
     config = DemoConfig(
         out_dir=str(tmp_path / "demo"),
-        data={"train_articles": 16, "eval_articles": 3, "profiles_per_article": 3, "vocab_size": 600},
-        model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True,
-               "max_position_embeddings": 512},
-        base={"mode": "full", "lr": 3e-3, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "band_sampling": False,
-              "max_len": 384},
+        data={**DemoConfig().data, "train_articles": 16, "eval_articles": 3, "profiles_per_article": 3},
         dora={"rank": 4, "alpha": 8, "dropout": 0.05, "lr": 3e-3, "max_steps": 4, "batch_size": 2, "grad_accum": 2,
               "max_len": 384, "save_every": 2, "verify_batches": 50},
         eval={"batch_size": 16, "max_new_tokens": 12, "spread_articles": 2},
@@ -30,7 +26,7 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     assert json.loads((out / "eval_before" / "metrics.json").read_text())["examples"] == 9
     for quant in ("q8_0", "q4_k_m"):  # both exported and scored; the Modelfile serves the chosen one
         reader = gguf.GGUFReader(out / f"scorer-{quant}.gguf")
-        assert len(reader.tensors) == 2 + 11 * 2
+        assert len(reader.tensors) == 2 + 11 * config.model["num_hidden_layers"]
         shipped = summary["gguf"][f"scorer-{quant}.gguf"]
         assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0  # served prompts, every quant
     chosen = summary["chosen_gguf"] or "scorer-q8_0.gguf"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..config import TrainConfig, settings_help
 from ..data import read_training_data
-from ..demo_run import DEMO_TOML, DemoConfig, run_demo
+from ..demo_config import DEMO_TOML, DemoConfig
+from ..demo_run import run_demo
 from ..distributed import exit_distributed
 from ..plan import DataShape, check_fits, plan
 from ..run import probe, train_from_config
@@ -31,12 +32,14 @@ PLAN_USAGE = """Will it fit, and how long will it take? The plan of a training r
     stratos-lite plan --config FILE --probe 3        # + 3 real steps, timed, and the run's projected time
 """
 
-DEMO_USAGE = """The whole pipeline on the embedded demo, on a CPU in a few minutes: synthetic data and a tokenizer,
-a small random Qwen3 trained as a profile-blind base, DoRA with the V2 recipe, evaluation with the adapters
-off and on (and of the exported q8_0 GGUF in llama.cpp when it is installed), a merged model folder.
+DEMO_USAGE = """The whole pipeline on the embedded demo, on a CPU in a few minutes: synthetic data, a small Qwen3
+base that reads profiles but answers blind to them (shipped with the package, made by tools/make_demo_base.py),
+DoRA with the V2 recipe, q8_0 and q4_k_m GGUFs, evaluation with the adapters off and on (and of each GGUF in
+llama.cpp when it is installed), a merged model folder.
 
     stratos-lite demo                       # outputs under runs/demo
     stratos-lite demo --demo-config my.toml # a file of changes over stratos_lite/demo.toml, e.g. seed = 1
+                                            # (vendored_base = false: train the base in the run too)
 """
 
 
