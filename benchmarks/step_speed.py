@@ -6,8 +6,10 @@
 Batch 2 x accumulation 8, the last 20 % of each sequence as completion, DoRA r16/a32/0.05 on all seven
 linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only). Each
 (system, dtype) runs in a fresh process; the median step time after
-two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, and peak
-memory (CPU: peak RSS growth during training; GPU: peak allocated).
+two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, peak
+memory (CPU: peak RSS growth during training; GPU: peak allocated, and reserved: what an OOM depends on)
+and, for ours, the plan's figures made before the run: its live peak and what it expects PyTorch's
+caching allocator to reserve (with the BLAS workspace) on a GPU.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> list[float]:
+def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> tuple[list[float], dict]:
+    """Step times, and the plan's live peak and GPU reserve for the same run (made before it)."""
     import stratos_lite as sl
+    from stratos_lite.plan import DataShape
 
     torch.manual_seed(0)
     model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**shape)).to(device())
@@ -109,13 +113,16 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy
                             dtype=dtype, gradient_checkpointing=True, checkpoint_policy=policy,
                             band_sampling=False, verify_batches=0,
                             save_every=10**9, progress=False)
+    data = DataShape(64, seq, seq // 5, seq, "step_speed", [seq] * 64, 0.2)  # what examples() makes
+    the_plan = sl.plan(config, model_config=sl.Qwen3Config(**shape), data=data, device=device())
     trainer = sl.Trainer(model, examples(shape["vocab_size"], seq, 64), config)
     trainer._finish = lambda metrics, seconds: metrics  # timing only: no summary files
     metrics = trainer.train()
-    return [m["step_seconds"] for m in metrics]
+    return [m["step_seconds"] for m in metrics], {"plan": the_plan.peak,
+                                                  "plan_reserved": the_plan.reserved + the_plan.workspace}
 
 
-def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> list[float]:
+def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> tuple[list[float], dict]:
     del policy  # transformers checkpoints whole decoder layers
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -129,7 +136,7 @@ def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in examples(shape["vocab_size"], seq, 64)]
     transformers.Trainer(model=model, args=hf_arguments(out_dir, steps, dtype), train_dataset=rows,
                          callbacks=[hf_step_timer(times)]).train()
-    return times
+    return times, {}
 
 
 def hf_arguments(out_dir: str, steps: int, dtype: str, batch: int = 0, accum: int = 0):
@@ -170,11 +177,15 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy
     before = rss()
     runner = run_ours if system == "stratos_lite" else run_hf
     with tempfile.TemporaryDirectory() as out_dir:
-        times = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy)
+        times, planned = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
     reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else peak  # what an OOM depends on
-    print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak, "reserved": reserved}))
+    print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak, "reserved": reserved, **planned}))
+
+
+def gb(size: int | None) -> str:
+    return "" if size is None else f"{size / 1e9:.2f}"
 
 
 def main() -> None:
@@ -198,7 +209,7 @@ def main() -> None:
     flops = flops_per_step(shape, args.seq)
     tokens = BATCH * ACCUM * args.seq
     print(f"{'dtype':<10}{'system':<14}{'s/step':>8}{'ratio':>7}{'tokens/s':>10}{'TFLOP/s':>9}{'of matmul':>11}"
-          f"{'peak GB':>9}{'reserved':>10}")
+          f"{'peak GB':>9}{'reserved':>10}{'plan':>7}{'plan reserved':>15}")
     for dtype in args.dtypes:
         rate = matmul_rate(getattr(torch, dtype))
         results = {}
@@ -213,7 +224,8 @@ def main() -> None:
             achieved = flops / r["seconds"]
             print(f"{dtype:<10}{label:<14}{r['seconds']:>8.3f}{r['seconds'] / results['HF+PEFT']['seconds']:>7.2f}"
                   f"{tokens / r['seconds']:>10.0f}{achieved / 1e12:>9.2f}{achieved / rate:>10.1%}"
-                  f"{r['peak'] / 1e9:>9.2f}{r['reserved'] / 1e9:>10.2f}")
+                  f"{r['peak'] / 1e9:>9.2f}{r['reserved'] / 1e9:>10.2f}{gb(r.get('plan')):>7}"
+                  f"{gb(r.get('plan_reserved')):>15}")
         print(f"{'':<10}(matmul rate {rate / 1e9:.0f} GFLOP/s in {dtype})")
 
 

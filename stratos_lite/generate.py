@@ -8,6 +8,8 @@ import torch
 
 from .model import Qwen3ForCausalLM
 
+STOP_CHECK_EVERY = 8  # decoding steps between a GPU's checks for "every row has stopped"
+
 
 def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,8 +59,12 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    stop_check_every: int | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt, up to (not including) the first stop token or `max_new_tokens`."""
+    """New tokens for each prompt, up to (not including) the first stop token or `max_new_tokens`.
+
+    stop_check_every: decoding steps between reads of "has every row stopped" (a wait for the device); by
+    default every step on a CPU, where it costs nothing, and every STOP_CHECK_EVERY on a GPU."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     device = model.model.embed_tokens.weight.device
@@ -67,23 +73,28 @@ def generate(
     batch, longest = ids.shape
     positions = (filled[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
     caches = model.new_kv_caches(batch, longest + max_new_tokens)
-    last = torch.zeros(batch, longest, dtype=torch.bool, device=device)
-    last[:, -1] = True
-    logits = model(ids, position_ids=positions, attention_mask=prefill_mask(filled[:, :longest]),
-                   kv_caches=caches, logits_mask=last)
+    last = torch.arange(1, batch + 1, device=device) * longest - 1  # each row's last position, flat
+    # Masks only where padding needs them: prompts of one length are plain causal attention, and every
+    # decoding step then sees all keys, so no kernel (flash above all) is ruled out by a mask.
+    padded = len({len(p) for p in prompts}) > 1
+    logits = model(ids, position_ids=positions, attention_mask=prefill_mask(filled[:, :longest]) if padded else None,
+                   kv_caches=caches, logits_at=last)
 
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     next_position = positions[:, -1:] + 1
+    # Whether every row has stopped is a read of the device: on a GPU it is asked every few tokens, not at
+    # each, and rows that stopped meanwhile only add padding (the same output, with fewer waits).
+    stop_check_every = stop_check_every or (1 if device.type == "cpu" else STOP_CHECK_EVERY)
     for step in range(max_new_tokens):
         token = pick_tokens(logits, temperature, top_p, generator).masked_fill(done, pad_id)
         out[:, step] = token
         done |= torch.isin(token, stops)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or (step % stop_check_every == stop_check_every - 1 and bool(done.all())):
             break
         filled[:, longest + step] = True
-        mask = filled[:, None, None, : longest + step + 1]
+        mask = filled[:, None, None, : longest + step + 1] if padded else None
         logits = model(token[:, None], position_ids=next_position, attention_mask=mask, kv_caches=caches)[:, -1]
         next_position = next_position + 1
     return [_until_stop(row, set(stop_ids)) for row in out.tolist()]

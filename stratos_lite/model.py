@@ -182,11 +182,27 @@ class Segments:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -> torch.Tensor:
-    """SDPA under `mask`: None for causal attention over the call's tokens, a boolean mask, or Segments."""
+    """SDPA under `mask`: None for causal attention over the call's tokens (for one new token after a
+    cache: every key), a boolean mask, or Segments."""
     if isinstance(mask, Segments):
         return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
                                                          enable_gqa=gqa) for s, e in mask.bounds()], dim=2)
+    if q.shape[2] == 1:
+        return attend_one_token(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decoding step's attention: one query per head over every cached key, without repeating the cache.
+
+    The query heads that share a key/value head are folded into that head's query rows, (b, kv_heads,
+    group, head_dim): the same products as repeating K and V group times, which SDPA's math kernel (and
+    enable_gqa where a kernel lacks it) would copy at every token. A (b, 1, 1, keys) padding mask applies to
+    every row alike; without one no mask is passed at all, so no kernel is ruled out for it."""
+    b, heads, _, dim = q.shape
+    folded = q.view(b, k.shape[1], heads // k.shape[1], dim)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    return out.view(b, heads, 1, dim)
 
 
 class Attention(nn.Module):
@@ -304,20 +320,21 @@ class Qwen3ForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
-        logits_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` (b, t).
 
         attention_mask: a boolean (b, 1, t, keys) mask for SDPA, True where attention is allowed; None means
         plain causal attention over this call's tokens (training, right padding); Segments for a packed row
-        of examples (with position_ids restarting at 0 for each). logits_mask: a boolean
-        (b, t) mask; when given, only those positions go through the vocabulary projection and the result
-        is (n, vocab) in row-major order, which saves most of the lm_head's time and memory in training.
+        of examples (with position_ids restarting at 0 for each). logits_at: flat (row-major, into b x t)
+        indices of positions; when given, only those go through the vocabulary projection and the result is
+        (n, vocab), which saves most of the lm_head's time and memory in training. Indices, not a boolean
+        mask: selecting by a device mask makes the host wait for the device to count it.
         """
         h = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                kv_caches=kv_caches)
-        if logits_mask is not None:
-            h = h[logits_mask]
+        if logits_at is not None:
+            h = h.flatten(0, 1).index_select(0, logits_at)
         return self.lm_head(h)
 
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
@@ -328,8 +345,8 @@ class Qwen3ForCausalLM(nn.Module):
         start = kv_caches[0].length if kv_caches else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        if attention_mask is None and start > 0:
-            # New tokens after a filled cache: causal, aligned to the end of the keys.
+        if attention_mask is None and start > 0 and t > 1:
+            # New tokens after a filled cache: causal, aligned to the end of the keys (one token sees them all).
             attention_mask = torch.ones(t, start + t, dtype=torch.bool, device=input_ids.device).tril(start)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)

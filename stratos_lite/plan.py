@@ -10,9 +10,8 @@ formula that could drift from it: a change to the model, DoRA or the checkpoint 
     peak = weights + adapters + optimizer state + gradients (kept across micro-batches when accumulating)
            + the simulated micro-batch's peak (saved activations + the largest temporary on top of them)
 
-The simulated step differs from a real one in one place only: a real step picks the completion positions
-with a boolean mask (a data-dependent shape, which fake tensors cannot have), the simulation takes the same
-number of positions as a slice.
+The completion positions the loss reads are indices found on the CPU with the batch (loss.py), so the
+simulation selects them as a real step does, by index_select, only with positions standing in for them.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .allocator_model import CachingAllocator, blas_workspace
 from .config import TrainConfig, attention_kernel, compute_dtype, default_device, optimizer_steps
 from .data import IGNORE_INDEX, ScoredDataset, read_training_data
 from .dora import apply_dora, dora_layers
@@ -53,6 +53,7 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.now = self.peak = 0
+        self.events: list[tuple[int, int]] = []  # (storage number, bytes) when allocated, (number, 0) when freed
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def mark(self) -> int:
@@ -60,8 +61,9 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = self.now
         return self.now
 
-    def _free(self, size: int) -> None:
+    def _free(self, number: int, size: int) -> None:
         self.now -= size
+        self.events.append((number, 0))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -73,7 +75,8 @@ class _LiveBytes(TorchDispatchMode):
                     size = self._seen[storage] = storage.nbytes()
                     self.now += size
                     self.peak = max(self.peak, self.now)
-                    weakref.finalize(storage, self._free, size)
+                    self.events.append((len(self.events), size))
+                    weakref.finalize(storage, self._free, self.events[-1][0], size)
         return out
 
 
@@ -84,6 +87,7 @@ class Activity:
     saved: int
     logits: int
     peak: int
+    events: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)  # _LiveBytes.events
 
 
 def _fake_model(model_config: Qwen3Config, config: TrainConfig, dtype: torch.dtype) -> Qwen3ForCausalLM:
@@ -119,13 +123,14 @@ def _simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, complet
         with _autocast(dtype):
             hidden = model.hidden_states(ids)
             saved = tracker.now
-            selected = hidden.flatten(0, 1)[:completions].clone()  # a real step: hidden[logits_mask]
+            selected = hidden.flatten(0, 1).index_select(0, torch.arange(completions))  # as forward(logits_at=)
             logits = model.lm_head(selected)
             loss = F.cross_entropy(logits.float(), targets, reduction="none").sum()
             at_loss = tracker.now
         del hidden, selected, logits
         loss.backward()
-    return Activity(saved, at_loss - saved, tracker.peak)
+        del loss
+    return Activity(saved, at_loss - saved, tracker.peak, tracker.events)
 
 
 def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
@@ -204,6 +209,8 @@ class Plan:
     recompute_peak: int
     vocabulary_peak: int
     peak: int
+    reserved: int  # what PyTorch's caching allocator would hold on a GPU at that peak (allocator_model.py)
+    workspace: int  # the BLAS workspaces on this GPU (0 elsewhere)
     memory: int
     memory_source: str
     max_batch_size: int
@@ -242,8 +249,17 @@ class Plan:
         return self.packing.estimate if self.packing else self.unpacked_padding
 
     @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def needed(self) -> int:
+        """What must fit: on a GPU the allocator's segments and the BLAS workspace, elsewhere the live tensors."""
+        return self.reserved + self.workspace if self.on_gpu else self.peak
+
+    @property
     def fits(self) -> bool:
-        return self.peak <= self.memory
+        return self.needed <= self.memory
 
     @property
     def tokens_per_step(self) -> int:
@@ -293,8 +309,14 @@ class Plan:
             "copy, log-softmax)",
             f"  temporary peaks {_gb(self.recompute_peak)}   largest layer's recompute; "
             f"{self.vocabulary_peak / GB:.2f} GB the vocabulary projection",
-            f"  predicted peak  {_gb(self.peak)}   of {self.memory / GB:.2f} GB ({self.memory_source}): "
-            + ("fits" if self.fits else "DOES NOT FIT"),
+            f"  predicted peak  {_gb(self.peak)}   live tensors"
+            + ("" if self.on_gpu else f" of {self.memory / GB:.2f} GB ({self.memory_source}): "
+               + ("fits" if self.fits else "DOES NOT FIT")),
+            f"  on a GPU        {_gb(self.reserved + self.workspace)}   reserved by PyTorch's caching allocator "
+            f"({self.reserved / GB:.2f} GB of segments at that peak)"
+            + (f" + {self.workspace / 2**20:.0f} MiB BLAS workspace" if self.workspace else "")
+            + (f": of {self.memory / GB:.2f} GB ({self.memory_source}), " + ("fits" if self.fits else "DOES NOT FIT")
+               if self.on_gpu else ", if this run were on one"),
             (f"  largest pack_tokens that fits: {self.packing.largest_fitting:,}" if self.packing else
              f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}"),
             f"  tokens per optimizer step {self.tokens_per_step:,}"
@@ -358,6 +380,24 @@ def planned_attention(config: TrainConfig, model_config: Qwen3Config, device: to
         return config.attention_kernel, None
     return "math", ("SDPA gives training only the math kernel on this GPU: its fp32 T x T attention scores are "
                     "counted (on ROCm, TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1 enables the fused kernels)")
+
+
+def _reserved_peak(model: Qwen3ForCausalLM, events: list[tuple[int, int]], accumulating: bool) -> int:
+    """The most PyTorch's caching allocator would reserve (allocator_model.py) for the persistent tensors,
+    allocated one by one (the weights; AdamW's two fp32 moments per trainable tensor, and its gradient
+    when accumulation keeps it between micro-batches), then the micro-batch's allocations and frees."""
+    allocator = CachingAllocator()
+    for p in model.parameters():
+        allocator.allocate(p.numel() * p.element_size())
+        for _ in range((2 + accumulating) * p.requires_grad):
+            allocator.allocate(p.numel() * 4)
+    blocks = {}
+    for number, size in events:
+        if size:
+            blocks[number] = allocator.allocate(size)
+        else:
+            allocator.free(blocks.pop(number))
+    return allocator.peak_reserved
 
 
 class _Simulator:
@@ -485,6 +525,9 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     completions = batch * completion_len
     peak, activity = peak_at(batch)
     per_rank = strategies(activity) if world_size > 1 else {}
+    # The allocator's replay is of one replica; what the strategy adds or shards away is carried over as it is.
+    replica = persistent + (gradients if accumulating else 0) + activity.peak
+    reserved = _reserved_peak(simulator.model, activity.events, accumulating) + peak - replica
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
     saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
@@ -511,7 +554,8 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         adapters=counts.trainable_bytes if config.mode == "dora" else 0,
         gradients=gradients, optimizer=2 * gradients, activations=activity.saved,
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
-        vocabulary_peak=vocabulary, peak=peak, memory=available, memory_source=source,
+        vocabulary_peak=vocabulary, peak=peak, reserved=reserved, workspace=blas_workspace(device),
+        memory=available, memory_source=source,
         max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
         per_rank=per_rank, heap_release=config.heap_release, packing=packing, unpacked_padding=unpacked_padding,
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,

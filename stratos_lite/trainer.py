@@ -18,13 +18,11 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,11 +44,12 @@ from .config import (
     deterministic_algorithms,
     optimizer_steps,
 )
-from .data import IGNORE_INDEX, collate
+from .data import collate
 from .dora import has_dora, save_adapter
 from .guard import NonFiniteError, diagnosis, first_nonfinite_gradient, first_nonfinite_module, risky_flags
 from .heap import release_free_memory, released_every
 from .lock import held_by_rank0
+from .loss import example_losses, with_loss_positions
 from .metrics_log import MetricsLog
 from .model import Qwen3ForCausalLM
 from .packing import filler_row, pack_step
@@ -69,30 +68,6 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def example_losses(model: Callable[..., torch.Tensor], batch: dict) -> torch.Tensor:
-    """Mean token cross-entropy over each example's completion, one value per example of the batch.
-
-    A padded batch (data.collate) holds an example a row; a packed row (packing.collate_packed) holds several,
-    named position by position in `example_of`, with positions and attention kept per example. Only completion
-    positions go through the vocabulary projection (most of a prompt never needs logits)."""
-    targets = batch["labels"][:, 1:]
-    select = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    select[:, :-1] = targets != IGNORE_INDEX
-    logits = model(batch["input_ids"], logits_mask=select, position_ids=batch.get("position_ids"),
-                   attention_mask=batch.get("segments"))
-    token_losses = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="none")
-    if "example_of" in batch:
-        examples = batch["example_of"][select]
-        counts = torch.bincount(examples, minlength=len(batch["weight"]))
-    else:
-        examples, counts = select.nonzero()[:, 0], select.sum(dim=1)
-    if torch.are_deterministic_algorithms_enabled():  # TrainConfig.deterministic: no atomic adds on a GPU
-        sums = torch.segment_reduce(token_losses, "sum", lengths=counts, unsafe=True)
-    else:
-        sums = torch.zeros(len(counts), device=token_losses.device).index_add(0, examples, token_losses)
-    return sums / counts.clamp_min(1)
 
 
 @dataclass
@@ -187,12 +162,15 @@ class Trainer:
 
     def _layout(self, items: list[dict]) -> list[dict]:
         """A step's drawn examples as its forwards: grad_accum padded micro-batches of batch_size, or packed
-        rows (packing.py), as many on every rank (filler rows where a rank's examples packed into fewer)."""
+        rows (packing.py), as many on every rank (filler rows where a rank's examples packed into fewer), each
+        with its loss positions."""
         if not self.config.packing:
             size = self.config.batch_size
-            return [collate(items[start:start + size], self.pad_id) for start in range(0, len(items), size)]
-        rows = pack_step(items, self.config.row_tokens)
-        return rows + [filler_row(self.pad_id)] * (self.strategy.max_over_ranks(len(rows)) - len(rows))
+            forwards = [collate(items[start:start + size], self.pad_id) for start in range(0, len(items), size)]
+        else:
+            rows = pack_step(items, self.config.row_tokens)
+            forwards = rows + [filler_row(self.pad_id)] * (self.strategy.max_over_ranks(len(rows)) - len(rows))
+        return [with_loss_positions(batch) for batch in forwards]  # found here, on the CPU (loss.py)
 
     def _step(self, micro_batches: list[dict], optimizer) -> tuple[float, float, int]:
         """Forward/backward every micro-batch against one denominator; clip; step unless non-finite."""
@@ -218,12 +196,14 @@ class Trainer:
             loss_total += loss.detach()
         strategy.sum_over_ranks(loss_total)
         grad_norm = strategy.clip(self.params, config.max_grad_norm)  # the global norm, before clipping
-        if bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm)):
+        # The step's one wait for the device: both figures at once, for the log and the finite check.
+        loss_value, norm_value = torch.stack([loss_total, grad_norm.to(loss_total)]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._release_heap()
         # else: a non-finite step never reaches the weights; its gradients stay for the diagnosis.
-        return float(loss_total), float(grad_norm), tokens
+        return loss_value, norm_value, tokens
 
     # -- around the loop ------------------------------------------------------------------------------------
 
@@ -295,7 +275,8 @@ class Trainer:
         self.model.eval()
         total, weight_sum = 0.0, 0.0
         for start in range(0, len(indices), config.batch_size):
-            batch = collate([dataset[i] for i in indices[start:start + config.batch_size]], self.pad_id)
+            batch = with_loss_positions(collate([dataset[i] for i in indices[start:start + config.batch_size]],
+                                                self.pad_id))
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
                 per_example = example_losses(self.model, batch)

@@ -2,7 +2,9 @@
 backend follows the model's device, bf16 support is asked of the model's device, plan sizes in GiB."""
 
 import json
+import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -160,3 +162,55 @@ def test_the_attention_kernel_a_call_gets_is_read_from_the_call():
     assert attention_line(config, torch.device("cpu"), torch.float32).startswith(
         "attention: SDPA runs the training call on the flash kernel, torch ")
     assert "attention_kernel = 'math'" in attention_line(config, torch.device("cpu"), torch.float32, "math")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_training_step_never_waits_for_the_device_until_its_end(demo_dir, tmp_path, packing, monkeypatch):
+    """What would make the host wait for a GPU mid-step (a device tensor read as a Python number, nonzero,
+    a boolean mask used as an index) happens to no tensor on the device in a step's forwards, backwards,
+    clipping and update: the loss positions come with the batch from the CPU, and the step reads its loss
+    and norm once, at its end (one .tolist(), which torch does not dispatch as an op, so it is not seen here).
+    On a CPU "on the device" is followed by hand: the parameters, the batch as the step moves it, and
+    everything computed from them."""
+    from test_trainer import quick_config
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from train_child import build
+
+    from stratos_lite.trainer import Trainer
+
+    class DeviceWaits(TorchDispatchMode):
+        def __init__(self, on_device):
+            super().__init__()
+            self.on_device, self.seen = {id(t): t for t in on_device}, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            name = func.overloadpacket.__name__
+            masked_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+            if any(id(t) in self.on_device for t in inputs) and (masked_index or name in (
+                    "nonzero", "_local_scalar_dense", "is_nonzero", "item")):
+                self.seen.append(name)
+            result = func(*args, **(kwargs or {}))
+            if any(id(t) in self.on_device for t in inputs):
+                self.on_device.update({id(t): t for t in tree_leaves(result) if isinstance(t, torch.Tensor)})
+            return result
+
+    model, dataset, tok = build(str(demo_dir), dropout=0.1)
+    config = quick_config(tmp_path, max_steps=1, packing=packing, grad_accum=2)
+    trainer = Trainer(model, dataset, config, pad_id=tok.pad_id)
+    moved = []
+
+    def to_device(batch):  # fresh tensors, as a copy to a GPU makes
+        copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "lengths"}
+        moved.extend(v for v in copies.values() if isinstance(v, torch.Tensor))
+        waits.on_device.update({id(t): t for t in moved})
+        return copies
+
+    monkeypatch.setattr(trainer, "_on_device", to_device)
+    micro_batches = trainer._layout([dataset[i] for i in range(config.batch_size * config.grad_accum)])
+    optimizer = torch.optim.AdamW(trainer.params, lr=1e-3)
+    with DeviceWaits(list(model.parameters())) as waits:
+        loss, grad_norm, _ = trainer._step(micro_batches, optimizer)
+    assert moved and len(waits.on_device) > 100  # the following reached the step's work
+    assert waits.seen == [] and math.isfinite(loss) and grad_norm > 0

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config, write_hf_checkpoint
 
 import stratos_lite as sl
+from stratos_lite.model import attend_one_token
 
 CONFIGS = {
     "tied-mha-single": (tiny_config(tie_word_embeddings=True, num_key_value_heads=4), "2GB"),
@@ -74,21 +75,23 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
 
 
-def test_logits_mask_projects_only_selected_positions(tmp_path):
+def test_logits_at_projects_only_selected_positions(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config())
     model = sl.load_model(tmp_path, dtype=torch.float32)
     ids = tokens(length=12)
     select = torch.zeros_like(ids, dtype=torch.bool)
     select[0, 3], select[1, 7:10] = True, True
     with torch.no_grad():
-        assert torch.allclose(model(ids, logits_mask=select), model(ids)[select], atol=1e-6)
+        at = select.flatten().nonzero()[:, 0]
+        assert torch.allclose(model(ids, logits_at=at), model(ids)[select], atol=1e-6)
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+@pytest.mark.parametrize("prompts", [[[5, 17, 99, 3], [41, 7, 8, 9], [300, 301, 302, 12]],  # one length
+                                     [[5, 17, 99, 3, 250, 8], [41, 7], [300, 301, 302, 12]]])  # padded
+def test_greedy_generation_matches_transformers_with_and_without_padding(tmp_path, prompts):
     config = tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24)
     reference = write_hf_checkpoint(tmp_path, config)
     model = sl.load_model(tmp_path, dtype=torch.float32)
-    prompts = [[5, 17, 99, 3, 250, 8], [41, 7], [300, 301, 302, 12]]
     got = sl.generate(model, prompts, max_new_tokens=12, stop_ids=[2], pad_id=0)
 
     longest = max(map(len, prompts))
@@ -99,6 +102,50 @@ def test_greedy_generation_matches_transformers(tmp_path):
     for row, ours in zip(out[:, longest:].tolist(), got, strict=True):
         expected = row[: row.index(2)] if 2 in row else row
         assert ours == expected
+
+
+def test_generation_masks_only_where_prompts_are_padded(tmp_path, monkeypatch):
+    """Prompts of one length: causal prefill and unmasked decoding steps, so no attention kernel is ruled out
+    by a mask; padded prompts: masks. Decoding never repeats the key/value cache for the query heads."""
+    write_hf_checkpoint(tmp_path, tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24))
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    real, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **options):
+        calls.append((q.shape[2], k.shape[1], attn_mask is not None, is_causal, options.get("enable_gqa", False)))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **options)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    sl.generate(model, [[5, 6, 7], [8, 9, 10]], max_new_tokens=4)
+    prefill, decode = [c for c in calls if c[0] == 3], [c for c in calls if c[0] != 3]
+    assert prefill and all(not masked and causal for _, _, masked, causal, _ in prefill)
+    assert decode and all(not masked and not causal and heads == 2 and not gqa for _, heads, masked, causal, gqa
+                          in decode)  # the two kv heads' queries folded (2 rows each), no repeat, no mask
+    calls.clear()
+    sl.generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=4)
+    assert calls and all(masked for _, _, masked, _, _ in calls)
+
+
+def test_checking_for_the_end_every_few_tokens_gives_the_same_output(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_config())
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    free = sl.generate(model, prompts, max_new_tokens=20)
+    stops = [free[0][2], free[1][4]]  # rows stop at different steps, one perhaps never
+    every_step = sl.generate(model, prompts, max_new_tokens=20, stop_ids=stops, stop_check_every=1)
+    assert every_step == sl.generate(model, prompts, max_new_tokens=20, stop_ids=stops, stop_check_every=8)
+    assert len(every_step[0]) < 20
+
+
+def test_one_token_attention_equals_attention_over_repeated_keys():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.rand(3, 1, 1, 11) > 0.3
+    mask[..., -1] = True
+    repeated = [t.repeat_interleave(4, dim=1) for t in (k, v)]
+    for m in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, *repeated, attn_mask=m)
+        assert torch.allclose(attend_one_token(q, k, v, m), expected, atol=1e-6)
 
 
 def test_generation_stops_at_stop_token_and_samples_reproducibly(tmp_path):

@@ -181,3 +181,52 @@ def test_math_attention_kernel_counts_its_probabilities():
              .micro_batch(batch, seq, 25, with_grads=False).saved for kernel in ("sdpa", "math")}
     probabilities = TINY.num_hidden_layers * batch * TINY.num_attention_heads * seq * seq * 4
     assert saved["math"] - saved["sdpa"] >= probabilities
+
+
+def test_caching_allocator_model_reserves_segments_as_pytorchs_does():
+    """The rules of c10/cuda/CUDACachingAllocator.cpp, one by one (allocator_model.py)."""
+    from stratos_lite.allocator_model import CachingAllocator
+
+    mib = 2**20
+    allocator = CachingAllocator()
+    tiny = allocator.allocate(1000)  # small pool: a 2 MiB segment, 512-byte blocks
+    assert allocator.reserved == 2 * mib
+    allocator.allocate(3000)  # split off the same segment
+    assert allocator.reserved == 2 * mib
+    first, second = allocator.allocate(5 * mib), allocator.allocate(5 * mib)  # under 10 MiB: one 20 MiB segment
+    assert allocator.reserved == 22 * mib
+    big = allocator.allocate(int(12.3 * mib))  # 10 MiB and over: its own segment, rounded up to 2 MiB
+    assert allocator.reserved == 36 * mib
+    allocator.free(first)
+    allocator.free(second)  # merged with its free neighbours: the 20 MiB segment is one free block again
+    reused = allocator.allocate(9 * mib)
+    assert allocator.reserved == 36 * mib
+    allocator.free(reused)
+    allocator.free(big)
+    allocator.allocate(30 * mib)  # nothing cached is large enough: a new segment; nothing is given back
+    assert allocator.reserved == allocator.peak_reserved == 66 * mib
+    allocator.free(tiny)
+    assert allocator.reserved == 66 * mib
+
+
+def test_blas_workspace_reads_pytorchs_setting():
+    from stratos_lite.allocator_model import _workspace_config, blas_workspace
+
+    assert _workspace_config(":4096:8", 0) == 32 * 2**20
+    assert _workspace_config(":4096:2:16:8", 0) == 8 * 2**20 + 128 * 2**10
+    assert _workspace_config(None, 7) == 7 and _workspace_config("nonsense", 7) == 7
+    assert blas_workspace(torch.device("cpu")) == 0
+
+
+def test_plan_counts_the_allocators_segments_and_judges_a_gpu_by_them():
+    data = DataShape(examples=64, longest=48, longest_completion=12, mean_tokens=40, source="test")
+    the_plan = sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32", batch_size=4), model_config=TINY, data=data,
+                       memory="1GiB")
+    assert the_plan.peak <= the_plan.reserved < the_plan.peak + 64 * 2**20  # whole segments over the live bytes
+    assert "reserved by PyTorch's caching allocator" in the_plan.to_text() and the_plan.needed == the_plan.peak
+    import dataclasses
+
+    on_gpu = dataclasses.replace(the_plan, device="cuda", workspace=8 * 2**20,
+                                 memory=the_plan.peak + (the_plan.reserved - the_plan.peak) // 2)
+    assert on_gpu.needed == on_gpu.reserved + 8 * 2**20 and not on_gpu.fits  # live bytes fit, segments do not
+    assert "DOES NOT FIT" in on_gpu.to_text()
