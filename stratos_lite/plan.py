@@ -310,13 +310,12 @@ class Plan:
             f"  temporary peaks {_gb(self.recompute_peak)}   largest layer's recompute; "
             f"{self.vocabulary_peak / GB:.2f} GB the vocabulary projection",
             f"  predicted peak  {_gb(self.peak)}   live tensors"
-            + ("" if self.on_gpu else f" of {self.memory / GB:.2f} GB ({self.memory_source}): "
+            + ("" if self.on_gpu else f"; of {self.memory / GB:.2f} GB ({self.memory_source}): "
                + ("fits" if self.fits else "DOES NOT FIT")),
-            f"  on a GPU        {_gb(self.reserved + self.workspace)}   reserved by PyTorch's caching allocator "
-            f"({self.reserved / GB:.2f} GB of segments at that peak)"
-            + (f" + {self.workspace / 2**20:.0f} MiB BLAS workspace" if self.workspace else "")
-            + (f": of {self.memory / GB:.2f} GB ({self.memory_source}), " + ("fits" if self.fits else "DOES NOT FIT")
-               if self.on_gpu else ", if this run were on one"),
+            f"  on a GPU        {_gb(self.reserved + self.workspace)}   reserved by PyTorch's caching allocator at "
+            "that peak" + (f", with {self.workspace / 2**20:.0f} MiB of BLAS workspace" if self.workspace else "")
+            + (f"; of {self.memory / GB:.2f} GB ({self.memory_source}): " + ("fits" if self.fits else "DOES NOT FIT")
+               if self.on_gpu else " (were this run on one)"),
             (f"  largest pack_tokens that fits: {self.packing.largest_fitting:,}" if self.packing else
              f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}"),
             f"  tokens per optimizer step {self.tokens_per_step:,}"
