@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
-from .config import optimizer_steps
 from .data import ScoredDataset
 from .demo import make_demo_data
 from .demo_config import DemoConfig, phase_config
@@ -67,10 +66,9 @@ def train_base(config: DemoConfig, paths: dict[str, Path], tokenizer: Tokenizer,
     return model, Trainer(model, data, base_config, pad_id=tokenizer.pad_id).train()
 
 
-def warmup_steps(config: DemoConfig, examples: int) -> int:
-    """How many steps the base phase warms up for (their losses are recorded with the shipped base)."""
-    base_config = phase_config(config, "base")
-    return math.ceil(base_config.warmup_ratio * optimizer_steps(base_config, examples))
+def warmup_steps(config: DemoConfig, total_steps: int) -> int:
+    """How many of a base phase's `total_steps` warm up (their losses are recorded with the shipped base)."""
+    return math.ceil(phase_config(config, "base").warmup_ratio * total_steps)
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -108,10 +106,9 @@ def make_vendored_base(config: DemoConfig, work: Path, dest: Path = VENDORED_BAS
     model, result = train_base(config, paths, tokenizer, out_dir=str(work / "base"), dtype="float32")
     seconds = time.perf_counter() - start
     model.to(VENDORED_DTYPE).eval()  # measured as shipped
-    examples = len(ScoredDataset.from_jsonl(paths["base"], tokenizer, max_len=config.base["max_len"]))
     record = {"made_by": "python tools/make_demo_base.py", "settings": base_settings(config), "dtype": "float32",
               "steps": result.steps, "final_loss": result.final_loss, "seconds": round(seconds, 1),
-              "warmup_losses": step_losses(work / "base")[:warmup_steps(config, examples)],
+              "warmup_losses": step_losses(work / "base")[:warmup_steps(config, result.steps)],
               "held_out": reading_quality(model, tokenizer, paths["eval"]),
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "made": time.strftime("%Y-%m-%d")}

@@ -93,8 +93,10 @@ def generate(
         done |= torch.isin(token, stops)
         if step == max_new_tokens - 1 or (step % stop_check_every == stop_check_every - 1 and bool(done.all())):
             break
-        filled[:, longest + step] = True
-        mask = filled[:, None, None, : longest + step + 1] if padded else None
+        mask = None
+        if padded:  # unpadded rows see every key: no mask to keep
+            filled[:, longest + step] = True
+            mask = filled[:, None, None, : longest + step + 1]
         logits = model(token[:, None], position_ids=next_position, attention_mask=mask, kv_caches=caches)[:, -1]
         next_position = next_position + 1
     return [_until_stop(row, set(stop_ids)) for row in out.tolist()]
