@@ -125,3 +125,23 @@ def test_shipped_weights_are_bf16_and_loadable_as_float32():
     header = json.loads((VENDORED_BASE / "config.json").read_text())
     assert header["torch_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_demo_dora_phase_on_the_shipped_base_repeats_bitwise_for_a_seed(tmp_path):
+    """What a demo run computes after its (tested) data: the same seed gives the same adapter, bit for bit."""
+    from stratos_lite.data import ScoredDataset
+    from stratos_lite.demo_config import phase_config
+    from stratos_lite.dora import apply_dora
+
+    adapters = []
+    for run in ("a", "b"):
+        config = DemoConfig(out_dir=str(tmp_path / run), seed=3)
+        model, tokenizer = load_vendored_base(config)
+        paths = make_demo_data(tmp_path / run / "data", train_articles=8, eval_articles=1, seed=3, tokenizer=tokenizer)
+        dora = phase_config(config, "dora", max_steps=3, batch_size=2, grad_accum=2, verify_batches=10,
+                            save_every=3, progress=False)
+        apply_dora(model, dora.rank, dora.alpha, dora.dropout, dora.targets, seed=dora.seed)
+        Trainer(model, ScoredDataset.from_jsonl(paths["train"], tokenizer, max_len=dora.max_len), dora,
+                pad_id=tokenizer.pad_id).train()
+        adapters.append((tmp_path / run / "dora" / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]
