@@ -8,8 +8,8 @@ of the model's calls (training, prefill, decode), found by profiling the call, a
 math; the tests that run on a device (tests/test_on_device.py: logits = transformers, DoRA = PEFT, a
 trainer step and resume, export from a model on the device, generation); benchmarks/step_speed.py at
 Qwen3-0.6B's and Qwen3-8B's shapes (random bf16 weights, the V2 micro-batch 2 x 8 of 1024 tokens,
-checkpointing) against HF Trainer + PEFT in the same run; greedy decoding tokens/s at batch 1 and 16
-against transformers' generate.
+checkpointing) against HF Trainer + PEFT in the same run; greedy decoding tokens/s at batch 1 and 16, in order
+and replayed from a CUDA graph (generate's cuda_graph), against transformers' generate.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def step_speed(dry_run: bool) -> list[str]:
     return lines
 
 
-def decode_speed(dry_run: bool) -> list[tuple[int, float, float]]:
-    """Greedy tokens/s at batch 1 and 16, ours against transformers' generate on the same random weights."""
+def decode_speed(dry_run: bool) -> list[tuple[int, float, float, float]]:
+    """Greedy tokens/s at batch 1 and 16: ours in order, ours replayed from a CUDA graph, and transformers'
+    generate, on the same random weights."""
     import transformers
 
     shape = (dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -117,8 +118,10 @@ def decode_speed(dry_run: bool) -> list[tuple[int, float, float]]:
         prompts = [list(range(10 + i, 10 + i + prompt)) for i in range(batch)]
         ids = torch.tensor(prompts, device=device())
         mine = median_seconds(lambda p=prompts: sl.generate(ours, p, max_new_tokens=new), repeats=3, warmup=1)
+        graphed = median_seconds(lambda p=prompts: sl.generate(ours, p, max_new_tokens=new, cuda_graph=True),
+                                 repeats=3, warmup=1)
         theirs = median_seconds(lambda i=ids: _hf_greedy(hf, i, new), repeats=3, warmup=1)
-        rows.append((batch, batch * new / mine, batch * new / theirs))
+        rows.append((batch, batch * new / mine, batch * new / graphed, batch * new / theirs))
     return rows
 
 
@@ -145,9 +148,11 @@ def main() -> None:
         print(f"| {name} | {kernel} | {error:.2e} |")
     print(f"\ntests on the device: {run_tests()}\n")
     print("\n".join(step_speed(args.dry_run)))
-    print("\n| greedy decoding | stratos_lite tokens/s | transformers tokens/s | ratio |\n|---|---:|---:|---:|")
-    for batch, mine, theirs in decode_speed(args.dry_run):
-        print(f"| batch {batch} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f}x |")
+    print("\n| greedy decoding | stratos_lite tokens/s | with cuda_graph | transformers tokens/s | ratios |"
+          "\n|---|---:|---:|---:|---:|")
+    for batch, mine, graphed, theirs in decode_speed(args.dry_run):
+        print(f"| batch {batch} | {mine:.0f} | {graphed:.0f} | {theirs:.0f} | {mine / theirs:.2f}x, "
+              f"{graphed / theirs:.2f}x |")
     print(f"\n{json.dumps({'seconds': round(time.perf_counter() - start)})}")
 
 

@@ -150,7 +150,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one layer; `length` is how many positions are filled."""
+    """Preallocated keys and values for one layer, filled in one of two ways.
+
+    In order: `length` positions are filled and attention sees those. Or, once `cursor` is set (a one-element
+    position tensor on the device, shared by every layer): each new token is written where the cursor points
+    and attention sees the whole buffer, under a mask of the filled keys. Every shape is then fixed and the
+    position lives on the device, so a decoding step can be captured once in a CUDA graph and replayed."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -158,8 +163,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length = 0
+        self.cursor: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor is not None:
+            self.k.index_copy_(2, self.cursor, k)
+            self.v.index_copy_(2, self.cursor, v)
+            return self.k, self.v
         end = self.length + k.shape[2]
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v

@@ -214,3 +214,53 @@ def test_a_training_step_never_waits_for_the_device_until_its_end(demo_dir, tmp_
         loss, grad_norm, _ = trainer._step(micro_batches, optimizer)
     assert moved and len(waits.on_device) > 100  # the following reached the step's work
     assert waits.seen == [] and math.isfinite(loss) and grad_norm > 0
+
+
+def test_fixed_shape_decoding_steps_repeat_the_same_kernels_and_never_read_the_device(tmp_path, monkeypatch):
+    """What a CUDA graph needs of a decoding step, checked on the CPU: every step dispatches the same ops on
+    tensors of the same shapes (a graph replays one recording), and none reads a value back to the host.
+    The in-order steps fail the first (the keys grow by one per step); the fixed-shape ones pass both, here
+    with unmerged DoRA adapters and a padded batch, and give the in-order steps' tokens."""
+    from conftest import tiny_config, write_hf_checkpoint
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from stratos_lite.generate import GraphedSteps, InOrderSteps
+
+    class StepOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = tuple(tuple(t.shape) for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor))
+            self.ops.append((func.overloadpacket.__name__, shapes))
+            return func(*args, **(kwargs or {}))
+
+    def recorded(kind):
+        steps, real = [], kind.__call__
+
+        def recording(self, token):
+            with StepOps() as mode:
+                logits = real(self, token)
+            steps.append(mode.ops)
+            return logits
+
+        monkeypatch.setattr(kind, "__call__", recording)
+        return steps
+
+    write_hf_checkpoint(tmp_path, tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24))
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    sl.apply_dora(model, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, layer in sl.dora.dora_layers(model):
+            layer.lora_B.normal_(0, 0.05)
+    model.eval()
+    prompts = [[5, 6, 7, 40, 41], [8, 9], [10, 11, 12]]
+    fixed, in_order = recorded(GraphedSteps), recorded(InOrderSteps)
+    graphed = sl.generate(model, prompts, max_new_tokens=10, cuda_graph=True)
+    assert graphed == sl.generate(model, prompts, max_new_tokens=10)
+    assert len(fixed) == 9 and all(ops == fixed[0] for ops in fixed)
+    host_reads = {"_local_scalar_dense", "item", "nonzero", "is_nonzero"}
+    assert not host_reads & {name for ops in fixed for name, _ in ops}
+    assert len(in_order) == 9 and in_order[1] != in_order[0]

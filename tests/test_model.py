@@ -88,11 +88,12 @@ def test_logits_at_projects_only_selected_positions(tmp_path):
 
 @pytest.mark.parametrize("prompts", [[[5, 17, 99, 3], [41, 7, 8, 9], [300, 301, 302, 12]],  # one length
                                      [[5, 17, 99, 3, 250, 8], [41, 7], [300, 301, 302, 12]]])  # padded
-def test_greedy_generation_matches_transformers_with_and_without_padding(tmp_path, prompts):
+@pytest.mark.parametrize("cuda_graph", [False, True])  # in-order steps, or fixed-shape steps (eager on a CPU)
+def test_greedy_generation_matches_transformers_with_and_without_padding(tmp_path, prompts, cuda_graph):
     config = tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24)
     reference = write_hf_checkpoint(tmp_path, config)
     model = sl.load_model(tmp_path, dtype=torch.float32)
-    got = sl.generate(model, prompts, max_new_tokens=12, stop_ids=[2], pad_id=0)
+    got = sl.generate(model, prompts, max_new_tokens=12, stop_ids=[2], pad_id=0, cuda_graph=cuda_graph)
 
     longest = max(map(len, prompts))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])

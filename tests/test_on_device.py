@@ -3,7 +3,8 @@ runs this file with cuda on a GPU machine, where ROCm also answers to "cuda").
 
 Each compares the device against an oracle or against the CPU: logits against transformers, a DoRA layer
 against PEFT, a trainer step resumed from a checkpoint against one taken straight, a GGUF exported from
-the device model against one exported from the CPU copy, greedy generation against the CPU's tokens.
+the device model against one exported from the CPU copy, greedy generation (in order and from a CUDA graph)
+against the CPU's tokens.
 """
 
 import os
@@ -124,3 +125,5 @@ def test_greedy_generation_on_the_device_equals_the_cpu():
     on_cpu = sl.generate(model.eval(), prompts, max_new_tokens=12)
     on_device = sl.generate(model.to(DEVICE), prompts, max_new_tokens=12)
     assert on_device == on_cpu
+    # Fixed-shape steps, replayed from a CUDA graph on a GPU (the first is a warm-up, the second captured).
+    assert sl.generate(model, prompts, max_new_tokens=12, cuda_graph=True) == on_cpu
