@@ -4,7 +4,8 @@
     python benchmarks/step_speed.py --shape qwen3-0.6b --seq 1024 --dtypes bfloat16   # on a GPU
 
 Batch 2 x accumulation 8, the last 20 % of each sequence as completion, DoRA r16/a32/0.05 on all seven
-linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only). Each
+linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only; with
+--compile also both with TrainConfig.compile, whose compilation falls in the warm-up steps). Each
 (system, dtype) runs in a fresh process; the median step time after
 two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, peak
 memory (CPU: peak RSS growth during training; GPU: peak allocated, and reserved: what an OOM depends on)
@@ -99,7 +100,8 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> tuple[list[float], dict]:
+def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str,
+             compiled: bool) -> tuple[list[float], dict]:
     """Step times, and the plan's live peak and GPU reserve for the same run (made before it)."""
     import stratos_lite as sl
     from stratos_lite.plan import DataShape
@@ -110,7 +112,7 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy
         model.to(torch.bfloat16)
     sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,
-                            dtype=dtype, gradient_checkpointing=True, checkpoint_policy=policy,
+                            dtype=dtype, gradient_checkpointing=True, checkpoint_policy=policy, compile=compiled,
                             band_sampling=False, verify_batches=0,
                             save_every=10**9, progress=False)
     data = DataShape(64, seq, seq // 5, seq, "step_speed", [seq] * 64, 0.2)  # what examples() makes
@@ -122,8 +124,9 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy
                                                   "plan_reserved": the_plan.reserved + the_plan.workspace}
 
 
-def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str) -> tuple[list[float], dict]:
-    del policy  # transformers checkpoints whole decoder layers
+def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str,
+           compiled: bool) -> tuple[list[float], dict]:
+    del policy, compiled  # transformers checkpoints whole decoder layers; HF runs eagerly
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -169,7 +172,7 @@ def hf_step_timer(times: list[float]):
     return StepTimer()
 
 
-def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy: str) -> None:
+def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy: str, compiled: bool) -> None:
     import tempfile
 
     if torch.cuda.is_available():
@@ -177,11 +180,21 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy
     before = rss()
     runner = run_ours if system == "stratos_lite" else run_hf
     with tempfile.TemporaryDirectory() as out_dir:
-        times, planned = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy)
+        times, planned = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy, compiled)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
     reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else peak  # what an OOM depends on
     print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak, "reserved": reserved, **planned}))
+
+
+def runs(with_compiled: bool) -> list[tuple[str, str, str, bool]]:
+    """(label, system, checkpoint policy, compiled) of each row, HF + PEFT first (the ratios' anchor)."""
+    rows = [("HF+PEFT", "hf", "layer", False), ("ours, layer", "stratos_lite", "layer", False),
+            ("ours, mlp", "stratos_lite", "mlp", False)]
+    if with_compiled:
+        rows += [("ours, layer, compiled", "stratos_lite", "layer", True),
+                 ("ours, mlp, compiled", "stratos_lite", "mlp", True)]
+    return rows
 
 
 def gb(size: int | None) -> str:
@@ -199,30 +212,30 @@ def main() -> None:
     parser.add_argument("--policy", default="layer", choices=["layer", "mlp"], help="(child) checkpoint policy")
     parser.add_argument("--batch", type=int, default=BATCH, help="micro-batch size")
     parser.add_argument("--accum", type=int, default=ACCUM, help="micro-batches per optimizer step")
+    parser.add_argument("--compile", action="store_true", help="also ours with compile = true (a child: only that)")
     args = parser.parse_args()
     BATCH, ACCUM = args.batch, args.accum
     if args.child:
-        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, args.policy)
+        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, args.policy, args.compile)
     shape = SHAPES[args.shape]
     print(f"device: {device_name()}; torch {torch.__version__}; shape {args.shape}; seq {args.seq}; "
           f"batch {BATCH} x accumulation {ACCUM}; DoRA r{RANK}/a{ALPHA}/{DROPOUT}; gradient checkpointing")
     flops = flops_per_step(shape, args.seq)
     tokens = BATCH * ACCUM * args.seq
-    print(f"{'dtype':<10}{'system':<14}{'s/step':>8}{'ratio':>7}{'tokens/s':>10}{'TFLOP/s':>9}{'of matmul':>11}"
+    print(f"{'dtype':<10}{'system':<23}{'s/step':>8}{'ratio':>7}{'tokens/s':>10}{'TFLOP/s':>9}{'of matmul':>11}"
           f"{'peak GB':>9}{'reserved':>10}{'plan':>7}{'plan reserved':>15}")
     for dtype in args.dtypes:
         rate = matmul_rate(getattr(torch, dtype))
         results = {}
-        for label, system, policy in (("HF+PEFT", "hf", "layer"), ("ours, layer", "stratos_lite", "layer"),
-                                      ("ours, mlp", "stratos_lite", "mlp")):
+        for label, system, policy, compiled in runs(args.compile):
             out = subprocess.run([sys.executable, __file__, "--child", system, "--shape", args.shape, "--seq",
                                   str(args.seq), "--steps", str(args.steps), "--dtypes", dtype, "--policy", policy,
-                                  "--batch", str(BATCH), "--accum", str(ACCUM)],
+                                  "--batch", str(BATCH), "--accum", str(ACCUM), *(["--compile"] if compiled else [])],
                                  check=True, capture_output=True, text=True).stdout
             results[label] = json.loads(out.strip().splitlines()[-1])
         for label, r in results.items():
             achieved = flops / r["seconds"]
-            print(f"{dtype:<10}{label:<14}{r['seconds']:>8.3f}{r['seconds'] / results['HF+PEFT']['seconds']:>7.2f}"
+            print(f"{dtype:<10}{label:<23}{r['seconds']:>8.3f}{r['seconds'] / results['HF+PEFT']['seconds']:>7.2f}"
                   f"{tokens / r['seconds']:>10.0f}{achieved / 1e12:>9.2f}{achieved / rate:>10.1%}"
                   f"{r['peak'] / 1e9:>9.2f}{r['reserved'] / 1e9:>10.2f}{gb(r.get('plan')):>7}"
                   f"{gb(r.get('plan_reserved')):>15}")

@@ -67,6 +67,10 @@ class TrainConfig:
     # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.7-0.8x the time at 160, 1.0-1.3x
     # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
     attention_kernel: str = "sdpa"
+    # torch.compile each decoder layer (compiling.py): the first steps pay the compilation, the rest may run
+    # faster or slower depending on the device; benchmarks/compile_speed.py measures both. Runs with the
+    # strategy "ddp" (one process or several) and heap_release "off" or "steps".
+    compile: bool = False
     seed: int = 0
     # Bitwise reruns: a CPU run is deterministic as it is. On a GPU, true turns on PyTorch's deterministic
     # algorithms for the run (and CUBLAS_WORKSPACE_CONFIG) and sums each example's token losses without atomic
@@ -104,6 +108,12 @@ class TrainConfig:
                 raise ConfigError(spec.name, problem)
             if spec.type == "float":  # an integer written for a float setting (lr = 1) is that float
                 setattr(self, spec.name, float(value))
+        if self.compile and self.strategy == "fsdp":
+            raise ConfigError("compile", "setting 'compile' = true runs with strategy 'ddp' (one process or "
+                                         "several), not 'fsdp'")
+        if self.compile and self.heap_release == "layers":
+            raise ConfigError("compile", "setting 'compile' = true needs heap_release 'off' or 'steps': 'layers' "
+                                         "hooks into every layer, which a compiled layer cannot call out to")
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -311,7 +321,8 @@ def default_device() -> torch.device:
 NOT_RECIPE = frozenset({
     "out_dir", "eval_data", "progress", "save_every", "keep_checkpoints", "heap_release", "heap_release_every",
     "eval_every", "eval_examples", "verify_batches", "max_nonfinite_steps", "gradient_checkpointing",
-    "checkpoint_policy", "attention_kernel", "strategy", "cpu_offload", "allow_recipe_change", "log", "deterministic",
+    "checkpoint_policy", "attention_kernel", "compile", "strategy", "cpu_offload", "allow_recipe_change", "log",
+    "deterministic",
 })
 
 

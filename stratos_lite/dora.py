@@ -50,7 +50,7 @@ def adapter_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     F.dropout, whose bernoulli_ took a fifth of a DoRA training step (p is resolved to 1/65536)."""
     if p <= 0:
         return x, 1.0
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # a compiled layer fuses F.dropout's draw
         return F.dropout(x, p, training=True), 1.0
     count = x.numel()
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
@@ -100,6 +100,7 @@ class DoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, dtype=dtype, device=weight.device))
         self.lora_magnitude = nn.Parameter(torch.empty(base_layer.out_features, dtype=dtype, device=weight.device))
         self._cache: dict[str, tuple[tuple, object]] = {}
+        self.held_norm: torch.Tensor | None = None  # n for a compiled layer, set before it runs (hold_norms)
         initialise_adapter(self, generator)
         self.dropout = float(dropout)
         self.adapter_enabled = True
@@ -128,7 +129,13 @@ class DoRALinear(nn.Module):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """n = ||W + s B A|| per output row (fp32, detached), recomputed only when W, A or B changed:
-        ||W||^2 + 2 s rowsum((W A^T) * B) + s^2 rowsum((B A A^T) * B)."""
+        ||W||^2 + 2 s rowsum((W A^T) * B) + s^2 rowsum((B A A^T) * B).
+
+        Inside a compiled layer it is the norm hold_norms computed before the forward: the cache's checks of
+        version counters and addresses would break the compiled graph at every adapter."""
+        if torch.compiler.is_compiling():
+            return self.held_norm
+
         def compute():
             with torch.autocast(self.lora_A.device.type, enabled=False):
                 weight, a, b, s = self.base_layer.weight, self.lora_A.float(), self.lora_B.float(), self.scaling
@@ -162,7 +169,7 @@ class DoRALinear(nn.Module):
         out = self.base_layer(x)
         if not self.adapter_enabled:
             return out
-        if not (torch.is_grad_enabled() or self.training):
+        if not (torch.is_grad_enabled() or self.training or torch.compiler.is_compiling()):
             # Inference: four kernels instead of eleven, which is what decoding with unmerged adapters pays.
             a, folded_b, excess = self.folded_terms(out.dtype)
             flat = out.view(-1, out.shape[-1])
@@ -260,6 +267,14 @@ def apply_dora(model: nn.Module, rank: int = 16, alpha: float = 32, dropout: flo
         layer.train(linear.training)  # keep eval/train mode
         setattr(model.get_submodule(owner), attr, layer)
     return summarize(model, len(chosen))
+
+
+def hold_norms(model: nn.Module, *_) -> None:
+    """Set every DoRA layer's held_norm to its current norm (computed or taken from the cache), for compiled
+    layers to read as an input. Usable as a forward pre-hook on the model: each forward then holds the norms
+    of the weights it runs with, which costs a cache check per layer while the weights are unchanged."""
+    for _, layer in dora_layers(model):
+        layer.held_norm = layer.weight_norm()
 
 
 @contextmanager

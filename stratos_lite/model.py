@@ -195,11 +195,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -
     """SDPA under `mask`: None for causal attention over the call's tokens (for one new token after a
     cache: every key), a boolean mask, or Segments."""
     if isinstance(mask, Segments):
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                                         enable_gqa=gqa) for s, e in mask.bounds()], dim=2)
+        return attend_segments(q, k, v, mask, gqa)
     if q.shape[2] == 1:
         return attend_one_token(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+@torch.compiler.disable  # each packed row has its own lengths: a compiled layer would compile for every row
+def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, gqa: bool) -> torch.Tensor:
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                     enable_gqa=gqa) for s, e in segments.bounds()], dim=2)
 
 
 def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -364,6 +369,8 @@ class Qwen3ForCausalLM(nn.Module):
             cache = kv_caches[index] if kv_caches else None
             if layer.checkpointing == "layer" and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, attention_mask, cache, use_reentrant=False)
+            elif cache is not None:  # decoding runs eagerly: a compiled layer would compile again as a cache fills
+                h = layer.forward(h, cos, sin, attention_mask, cache)
             else:
                 h = layer(h, cos, sin, attention_mask, cache)
         return self.model.norm(h)

@@ -520,13 +520,25 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         peaks = strategies(activity)
         return peaks.get(config.strategy, peaks.get("one process")), activity
 
+    def reserved_of(peak: int, activity: Activity) -> int:
+        # The allocator's replay is of one replica; what the strategy adds or shards away is carried over.
+        replica = persistent + (gradients if accumulating else 0) + activity.peak
+        return _reserved_peak(simulator.model, activity.events, accumulating) + peak - replica
+
+    workspace = blas_workspace(device)
+
+    def needed_at(batch: int, tokens: int = seq) -> int:
+        """What must fit (Plan.needed) at this micro-batch: on a GPU the allocator's reserve and the BLAS
+        workspace, which the largest batch or row is judged by there, else the live peak."""
+        peak, activity = peak_at(batch, tokens)
+        return reserved_of(peak, activity) + workspace if device.type == "cuda" else peak
+
     batch = 1 if config.packing else config.batch_size
     completions = batch * completion_len
     peak, activity = peak_at(batch)
     per_rank = strategies(activity) if world_size > 1 else {}
-    # The allocator's replay is of one replica; what the strategy adds or shards away is carried over as it is.
-    replica = persistent + (gradients if accumulating else 0) + activity.peak
-    reserved = _reserved_peak(simulator.model, activity.events, accumulating) + peak - replica
+    reserved = reserved_of(peak, activity)
+    needed = reserved + workspace if device.type == "cuda" else peak
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
     saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
@@ -537,7 +549,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
                      f"write {number}GiB for it")
     packing = unpacked_padding = None
     if config.packing:
-        packing = Packing(seq, _largest_row(lambda tokens: peak_at(1, tokens)[0], available, (seq, peak)),
+        packing = Packing(seq, _largest_row(lambda tokens: needed_at(1, tokens), available, (seq, needed)),
                           _padding_of(config, data))
     else:
         unpacked_padding = _padding_of(config, data)
@@ -553,9 +565,9 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         adapters=counts.trainable_bytes if config.mode == "dora" else 0,
         gradients=gradients, optimizer=2 * gradients, activations=activity.saved,
         activations_no_checkpointing=saved_unchecked, logits=activity.logits, recompute_peak=recompute,
-        vocabulary_peak=vocabulary, peak=peak, reserved=reserved, workspace=blas_workspace(device),
+        vocabulary_peak=vocabulary, peak=peak, reserved=reserved, workspace=workspace,
         memory=available, memory_source=source,
-        max_batch_size=_largest_batch(peak_at, available, (batch, peak)), data=data, notes=notes,
+        max_batch_size=_largest_batch(needed_at, available, (batch, needed)), data=data, notes=notes,
         per_rank=per_rank, heap_release=config.heap_release, packing=packing, unpacked_padding=unpacked_padding,
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
@@ -590,8 +602,8 @@ def _padding_of(config: TrainConfig, data: DataShape | None) -> PaddingEstimate 
     return estimate_padding(data.lengths, config.batch_size, config.grad_accum, max(config.row_tokens, data.longest))
 
 
-def _largest_row(peak_of, memory: int, known: tuple[int, int], limit: int = 1 << 20) -> int:
-    """The largest packed row (tokens) whose predicted peak fits `memory` (0 if none does): doubling from a
+def _largest_row(needed_at, memory: int, known: tuple[int, int], limit: int = 1 << 20) -> int:
+    """The largest packed row (tokens) whose predicted need fits `memory` (0 if none does): doubling from a
     known point, then bisection to within 1 %. Attention under the math kernel grows as T^2, so no line."""
     tokens, peak = known
     low, high = (tokens, None) if peak <= memory else (0, tokens)
@@ -599,27 +611,27 @@ def _largest_row(peak_of, memory: int, known: tuple[int, int], limit: int = 1 <<
         if low >= limit:
             return limit
         candidate = min(2 * low, limit)
-        if peak_of(candidate) <= memory:
+        if needed_at(candidate) <= memory:
             low = candidate
         else:
             high = candidate
     while high - low > max(1, low // 100):
         middle = (low + high) // 2
-        low, high = (middle, high) if peak_of(middle) <= memory else (low, middle)
+        low, high = (middle, high) if needed_at(middle) <= memory else (low, middle)
     return low
 
 
-def _largest_batch(peak_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:
-    """The largest batch size whose predicted peak fits `memory` (0 if not even one example fits). Memory
-    grows linearly with the batch, so two points (`known` is one: batch, peak) give the line and one more
-    simulation checks the guess."""
-    one = peak_at(1)[0]
+def _largest_batch(needed_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:
+    """The largest batch size whose predicted need fits `memory` (0 if not even one example fits). Memory
+    grows about linearly with the batch, so two points (`known` is one: batch, need) give the line and more
+    simulations walk the guess down until it fits."""
+    one = needed_at(1)
     if one > memory:
         return 0
-    other, other_peak = known if known[0] > 1 else (2, peak_at(2)[0])
-    slope = max((other_peak - one) // (other - 1), 1)
+    other, other_need = known if known[0] > 1 else (2, needed_at(2))
+    slope = max((other_need - one) // (other - 1), 1)
     guess = min(limit, 1 + (memory - one) // slope)
-    while guess > 1 and peak_at(guess)[0] > memory:
+    while guess > 1 and needed_at(guess) > memory:
         guess -= max(1, guess // 16)
     return int(guess)
 

@@ -35,6 +35,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .compiling import compile_layers
 from .config import (
     ConfigError,
     TrainConfig,
@@ -89,6 +90,8 @@ class Trainer:
         self.release_heap = self.device.type == "cpu" and config.heap_release != "off"
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
+        if config.compile:
+            compile_layers(model)
         self.strategy = strategy_for(model, config)  # one process, DDP or FSDP: wraps or shards the model
         self.log = MetricsLog(self.out_dir, config.log, writes=self.strategy.is_main)
         self.params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards

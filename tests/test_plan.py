@@ -98,6 +98,30 @@ def test_largest_batch_is_the_last_one_under_the_memory():
     assert not too_big.fits and "batch_size = 3 with grad_accum = 3" in too_big.advice()
 
 
+def test_on_a_gpu_the_largest_batch_and_row_are_judged_by_the_allocators_reserve(monkeypatch):
+    """What an OOM on a GPU depends on is the caching allocator's segments plus the BLAS workspace, not the
+    live bytes: the largest batch_size (and packed row) the plan offers must fit by that figure."""
+    import importlib
+
+    plan_module = importlib.import_module("stratos_lite.plan")
+    monkeypatch.setattr(plan_module, "training_kernel", lambda *args: "flash")
+    monkeypatch.setattr(plan_module, "blas_workspace", lambda device: 8 * 2**20 if device.type == "cuda" else 0)
+    data = DataShape(examples=64, longest=256, longest_completion=64, mean_tokens=256, source="test",
+                     lengths=[256] * 64, completion_share=0.25)
+
+    def gpu_plan(batch, memory, **settings):
+        config = sl.TrainConfig(rank=4, alpha=8, batch_size=batch, grad_accum=2, dtype="float32", **settings)
+        return sl.plan(config, model_config=TINY, data=data, memory=memory, device="cuda")
+
+    eight, nine = gpu_plan(8, "1GiB"), gpu_plan(9, "1GiB")
+    memory = (eight.needed + nine.needed) // 2
+    assert nine.peak < memory < nine.needed  # the live peak alone would have offered batch 9
+    assert gpu_plan(1, memory).max_batch_size == 8
+    packed = gpu_plan(1, memory, packing=True, pack_tokens=256).packing.largest_fitting
+    assert gpu_plan(1, memory, packing=True, pack_tokens=packed).needed <= memory
+    assert gpu_plan(1, memory, packing=True, pack_tokens=packed * 102 // 100).needed > memory
+
+
 def test_qwen3_8b_counts_are_exact():
     counts = count_parameters(QWEN3_8B, sl.TrainConfig(rank=16, dtype="bfloat16"))
     assert counts.base == 8_190_735_360
