@@ -16,6 +16,7 @@ simulation selects them as a real step does, by index_select, only with position
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -514,7 +515,8 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         return {"ddp": replica + gradients,  # DDP's buckets hold a second copy of the gradients
                 "fsdp": _fsdp_peak(simulator.model, counts, world_size, accumulating, activity.peak)}
 
-    def peak_at(batch: int, tokens: int = seq) -> tuple[int, Activity]:
+    @functools.cache  # the searches below revisit the run's own micro-batch
+    def peak_at(batch: int, tokens: int) -> tuple[int, Activity]:
         completions = batch * (completion_len if tokens == seq else math.ceil(tokens * share))
         activity = simulator.micro_batch(batch, tokens, completions, with_grads=accumulating)
         peaks = strategies(activity)
@@ -535,7 +537,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
 
     batch = 1 if config.packing else config.batch_size
     completions = batch * completion_len
-    peak, activity = peak_at(batch)
+    peak, activity = peak_at(batch, seq)
     per_rank = strategies(activity) if world_size > 1 else {}
     reserved = reserved_of(peak, activity)
     needed = reserved + workspace if device.type == "cuda" else peak
@@ -623,17 +625,30 @@ def _largest_row(needed_at, memory: int, known: tuple[int, int], limit: int = 1 
 
 def _largest_batch(needed_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:
     """The largest batch size whose predicted need fits `memory` (0 if not even one example fits). Memory
-    grows about linearly with the batch, so two points (`known` is one: batch, need) give the line and more
-    simulations walk the guess down until it fits."""
+    grows about linearly with the batch, so two points (`known` is one: batch, need) give a line, and its
+    guess is taken when it fits. Where it does not (the allocator's rounding bends the line), lines through
+    batch 1 and each failed guess (secant steps) find a batch that fits, and bisection closes the gap to the
+    smallest that failed, to within 1/16."""
     one = needed_at(1)
     if one > memory:
         return 0
+
+    def secant(batch: int, need: int) -> int:
+        return max(1, 1 + (memory - one) * (batch - 1) // max(need - one, 1))
+
     other, other_need = known if known[0] > 1 else (2, needed_at(2))
-    slope = max((other_need - one) // (other - 1), 1)
-    guess = min(limit, 1 + (memory - one) // slope)
-    while guess > 1 and needed_at(guess) > memory:
-        guess -= max(1, guess // 16)
-    return int(guess)
+    guess = min(limit, secant(other, other_need))
+    need = needed_at(guess)
+    if need <= memory:
+        return guess
+    fails = guess
+    while (guess := min(fails - 1, secant(fails, need))) > 1 and (need := needed_at(guess)) > memory:
+        fails = guess
+    fits = guess
+    while fails - fits > max(1, fits // 16):
+        middle = (fits + fails) // 2
+        fits, fails = (middle, fails) if needed_at(middle) <= memory else (fits, middle)
+    return fits
 
 
 def check_fits(result: Plan) -> None:

@@ -164,7 +164,7 @@ def test_run_that_does_not_fit_stops_before_loading(tmp_path, demo_dir):
 
 def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     data = DataShape(examples=64, longest=32, longest_completion=8, mean_tokens=32, source="test")
-    deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=12, vocab_size=128))  # layers hold the weight
+    deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=6, vocab_size=128))  # layers hold the weight
     plans = {strategy: sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32", strategy=strategy),
                                model_config=deep, data=data, memory="8MB", world_size=2)
              for strategy in ("ddp", "fsdp")}
