@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .dora import has_dora, hold_norms
+from .dora import hold_norms
 
 
-def compile_layers(model: nn.Module) -> None:
+def compile_layers(model: nn.Module, **options) -> None:
     """Compile every decoder layer of a Qwen3ForCausalLM in place (the first steps pay the compilation); a
-    second call does nothing. Decoding with a KV cache runs the layers eagerly (Qwen3Model.hidden_states)."""
+    second call does nothing. `options` are torch.compile's (mode, backend, ...). Decoding with a KV cache runs
+    the layers eagerly (Qwen3Model.hidden_states)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"compile = true compiles a Qwen3ForCausalLM's decoder layers; {type(model).__name__} "
@@ -25,7 +26,6 @@ def compile_layers(model: nn.Module) -> None:
     if getattr(model, "layers_compiled", False):
         return
     for layer in layers:
-        layer.compile(dynamic=True)
-    if has_dora(model):
-        model.register_forward_pre_hook(hold_norms)
+        layer.compile(**{"dynamic": True, **options})
+    model.register_forward_pre_hook(hold_norms)  # also when adapters come after compiling (no-op without them)
     model.layers_compiled = True
