@@ -8,7 +8,7 @@ of the model's calls (training, prefill, decode), found by profiling the call, a
 math; the tests that run on a device (tests/test_on_device.py: logits = transformers, DoRA = PEFT, a
 trainer step and resume, export from a model on the device, generation); benchmarks/step_speed.py at
 Qwen3-0.6B's and Qwen3-8B's shapes (random bf16 weights, the V2 micro-batch 2 x 8 of 1024 tokens,
-checkpointing; at 0.6B also with compile = true) against HF Trainer + PEFT in the same run; greedy decoding
+checkpointing; at 0.6B also with compile = true and with deterministic = true) against HF Trainer + PEFT in the same run; greedy decoding
 tokens/s at batch 1 and 16, in order and replayed from a CUDA graph (generate's cuda_graph), against
 transformers' generate.
 """
@@ -87,8 +87,10 @@ def run_tests() -> str:
 
 
 def step_speed(dry_run: bool) -> list[str]:
-    runs = ([["--shape", "small", "--seq", "64", "--steps", "3", "--dtypes", "float32", "--accum", "2"]] if dry_run
-            else [["--shape", "qwen3-0.6b", "--seq", "1024", "--steps", "5", "--dtypes", "bfloat16", "--compile"],
+    runs = ([["--shape", "small", "--seq", "64", "--steps", "3", "--dtypes", "float32", "--accum", "2",
+              "--deterministic"]] if dry_run
+            else [["--shape", "qwen3-0.6b", "--seq", "1024", "--steps", "5", "--dtypes", "bfloat16", "--compile",
+                   "--deterministic"],
                   ["--shape", "qwen3-8b", "--seq", "1024", "--steps", "4", "--dtypes", "bfloat16"]])
     lines = []
     for arguments in runs:

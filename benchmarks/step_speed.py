@@ -5,9 +5,9 @@
 
 Batch 2 x accumulation 8, the last 20 % of each sequence as completion, DoRA r16/a32/0.05 on all seven
 linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only; with
---compile also both with TrainConfig.compile, whose compilation falls in the warm-up steps). Each
-(system, dtype) runs in a fresh process; the median step time after
-two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, peak
+--compile also both with TrainConfig.compile, whose compilation falls in the warm-up steps; with
+--deterministic also the layer policy with TrainConfig.deterministic, to show what it costs). Each
+(system, dtype, settings) runs in a fresh process; the median step time after two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, peak
 memory (CPU: peak RSS growth during training; GPU: peak allocated, and reserved: what an OOM depends on)
 and, for ours, the plan's figures made before the run: its live peak and what it expects PyTorch's
 caching allocator to reserve (with the BLAS workspace) on a GPU.
@@ -100,9 +100,10 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str,
-             compiled: bool) -> tuple[list[float], dict]:
-    """Step times, and the plan's live peak and GPU reserve for the same run (made before it)."""
+def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str,
+             settings: dict) -> tuple[list[float], dict]:
+    """Step times, and the plan's live peak and GPU reserve for the same run (made before it); `settings` are
+    the row's TrainConfig fields (checkpoint_policy, compile, deterministic)."""
     import stratos_lite as sl
     from stratos_lite.plan import DataShape
 
@@ -112,9 +113,8 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy
         model.to(torch.bfloat16)
     sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,
-                            dtype=dtype, gradient_checkpointing=True, checkpoint_policy=policy, compile=compiled,
-                            band_sampling=False, verify_batches=0,
-                            save_every=10**9, progress=False)
+                            dtype=dtype, gradient_checkpointing=True, band_sampling=False, verify_batches=0,
+                            save_every=10**9, progress=False, **settings)
     data = DataShape(64, seq, seq // 5, seq, "step_speed", [seq] * 64, 0.2)  # what examples() makes
     the_plan = sl.plan(config, model_config=sl.Qwen3Config(**shape), data=data, device=device())
     trainer = sl.Trainer(model, examples(shape["vocab_size"], seq, 64), config)
@@ -124,9 +124,9 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy
                                                   "plan_reserved": the_plan.reserved + the_plan.workspace}
 
 
-def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str, policy: str,
-           compiled: bool) -> tuple[list[float], dict]:
-    del policy, compiled  # transformers checkpoints whole decoder layers; HF runs eagerly
+def run_hf(shape: dict, seq: int, dtype: str, steps: int, out_dir: str,
+           settings: dict) -> tuple[list[float], dict]:
+    del settings  # HF's row is the anchor: whole decoder layers checkpointed, eager, nondeterministic
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -172,7 +172,7 @@ def hf_step_timer(times: list[float]):
     return StepTimer()
 
 
-def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy: str, compiled: bool) -> None:
+def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, settings: dict) -> None:
     import tempfile
 
     if torch.cuda.is_available():
@@ -180,20 +180,22 @@ def child(system: str, shape_name: str, seq: int, dtype: str, steps: int, policy
     before = rss()
     runner = run_ours if system == "stratos_lite" else run_hf
     with tempfile.TemporaryDirectory() as out_dir:
-        times, planned = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, policy, compiled)
+        times, planned = runner(SHAPES[shape_name], seq, dtype, steps, out_dir, settings)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
     reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else peak  # what an OOM depends on
     print(json.dumps({"seconds": statistics.median(times[2:]), "peak": peak, "reserved": reserved, **planned}))
 
 
-def runs(with_compiled: bool) -> list[tuple[str, str, str, bool]]:
-    """(label, system, checkpoint policy, compiled) of each row, HF + PEFT first (the ratios' anchor)."""
-    rows = [("HF+PEFT", "hf", "layer", False), ("ours, layer", "stratos_lite", "layer", False),
-            ("ours, mlp", "stratos_lite", "mlp", False)]
+def runs(with_compiled: bool, with_deterministic: bool) -> list[tuple[str, str, dict]]:
+    """(label, system, TrainConfig settings) of each row, HF + PEFT first (the ratios' anchor)."""
+    rows = [("HF+PEFT", "hf", {}), ("ours, layer", "stratos_lite", {"checkpoint_policy": "layer"}),
+            ("ours, mlp", "stratos_lite", {"checkpoint_policy": "mlp"})]
     if with_compiled:
-        rows += [("ours, layer, compiled", "stratos_lite", "layer", True),
-                 ("ours, mlp, compiled", "stratos_lite", "mlp", True)]
+        rows += [("ours, layer, compiled", "stratos_lite", {"checkpoint_policy": "layer", "compile": True}),
+                 ("ours, mlp, compiled", "stratos_lite", {"checkpoint_policy": "mlp", "compile": True})]
+    if with_deterministic:
+        rows += [("ours, layer, determin.", "stratos_lite", {"checkpoint_policy": "layer", "deterministic": True})]
     return rows
 
 
@@ -209,14 +211,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--child", choices=["stratos_lite", "hf"])
-    parser.add_argument("--policy", default="layer", choices=["layer", "mlp"], help="(child) checkpoint policy")
+    parser.add_argument("--settings", default="{}", help="(child) the row's TrainConfig settings, as JSON")
     parser.add_argument("--batch", type=int, default=BATCH, help="micro-batch size")
     parser.add_argument("--accum", type=int, default=ACCUM, help="micro-batches per optimizer step")
-    parser.add_argument("--compile", action="store_true", help="also ours with compile = true (a child: only that)")
+    parser.add_argument("--compile", action="store_true", help="also ours with compile = true")
+    parser.add_argument("--deterministic", action="store_true", help="also ours with deterministic = true")
     args = parser.parse_args()
     BATCH, ACCUM = args.batch, args.accum
     if args.child:
-        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, args.policy, args.compile)
+        return child(args.child, args.shape, args.seq, args.dtypes[0], args.steps, json.loads(args.settings))
     shape = SHAPES[args.shape]
     print(f"device: {device_name()}; torch {torch.__version__}; shape {args.shape}; seq {args.seq}; "
           f"batch {BATCH} x accumulation {ACCUM}; DoRA r{RANK}/a{ALPHA}/{DROPOUT}; gradient checkpointing")
@@ -227,10 +230,10 @@ def main() -> None:
     for dtype in args.dtypes:
         rate = matmul_rate(getattr(torch, dtype))
         results = {}
-        for label, system, policy, compiled in runs(args.compile):
+        for label, system, settings in runs(args.compile, args.deterministic):
             out = subprocess.run([sys.executable, __file__, "--child", system, "--shape", args.shape, "--seq",
-                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype, "--policy", policy,
-                                  "--batch", str(BATCH), "--accum", str(ACCUM), *(["--compile"] if compiled else [])],
+                                  str(args.seq), "--steps", str(args.steps), "--dtypes", dtype,
+                                  "--settings", json.dumps(settings), "--batch", str(BATCH), "--accum", str(ACCUM)],
                                  check=True, capture_output=True, text=True).stdout
             results[label] = json.loads(out.strip().splitlines()[-1])
         for label, r in results.items():

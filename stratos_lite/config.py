@@ -68,8 +68,9 @@ class TrainConfig:
     # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
     attention_kernel: str = "sdpa"
     # torch.compile each decoder layer (compiling.py): the first steps pay the compilation, the rest may run
-    # faster or slower depending on the device; benchmarks/compile_speed.py measures both. Runs with the
-    # strategy "ddp" (one process or several) and heap_release "off" or "steps".
+    # faster or slower depending on the device (`benchmarks/step_speed.py --compile` measures both; on a 2-core
+    # CPU it was slower except fp32 with mlp checkpointing). Runs with the strategy "ddp" (one process or
+    # several) and heap_release "off" or "steps".
     compile: bool = False
     seed: int = 0
     # Bitwise reruns: a CPU run is deterministic as it is. On a GPU, true turns on PyTorch's deterministic
