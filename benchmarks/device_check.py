@@ -8,9 +8,9 @@ of the model's calls (training, prefill, decode), found by profiling the call, a
 math; the tests that run on a device (tests/test_on_device.py: logits = transformers, DoRA = PEFT, a
 trainer step and resume, export from a model on the device, generation); benchmarks/step_speed.py at
 Qwen3-0.6B's and Qwen3-8B's shapes (random bf16 weights, the V2 micro-batch 2 x 8 of 1024 tokens,
-checkpointing; at 0.6B also with compile = true and with deterministic = true) against HF Trainer + PEFT in the same run; greedy decoding
-tokens/s at batch 1 and 16, in order and replayed from a CUDA graph (generate's cuda_graph), against
-transformers' generate.
+checkpointing; at 0.6B also with compile = true and with deterministic = true) against HF Trainer + PEFT
+in the same run; greedy decoding tokens/s at batch 1 and 16, in order and replayed from a CUDA graph
+(generate's cuda_graph), against transformers' generate.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ Batch 2 x accumulation 8, the last 20 % of each sequence as completion, DoRA r16
 linears, gradient checkpointing (ours with both policies: whole layer, as HF does, and MLP only; with
 --compile also both with TrainConfig.compile, whose compilation falls in the warm-up steps; with
 --deterministic also the layer policy with TrainConfig.deterministic, to show what it costs). Each
-(system, dtype, settings) runs in a fresh process; the median step time after two warm-up steps is reported with tokens/s, model FLOP/s as a share of the measured matmul rate, peak
-memory (CPU: peak RSS growth during training; GPU: peak allocated, and reserved: what an OOM depends on)
-and, for ours, the plan's figures made before the run: its live peak and what it expects PyTorch's
-caching allocator to reserve (with the BLAS workspace) on a GPU.
+(system, dtype, settings) runs in a fresh process; the median step time after two warm-up steps is reported
+with tokens/s, model FLOP/s as a share of the measured matmul rate, peak memory (CPU: peak RSS growth during
+training; GPU: peak allocated, and reserved: what an OOM depends on) and, for ours, the plan's figures made
+before the run: its live peak and what it expects PyTorch's caching allocator to reserve (with the BLAS
+workspace) on a GPU.
 """
 
 from __future__ import annotations
