@@ -542,7 +542,8 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     reserved = reserved_of(peak, activity)
     needed = reserved + workspace if device.type == "cuda" else peak
     recompute, vocabulary = simulator.temporary_peaks(batch, seq, completions)
-    saved_unchecked = simulator.saved_without_checkpointing(batch, seq, completions)
+    saved_unchecked = (simulator.saved_without_checkpointing(batch, seq, completions)
+                       if config.gradient_checkpointing else activity.saved)
     available, source = (parse_size(memory), "given") if memory is not None else available_memory(device)
     if isinstance(memory, str) and (decimal := re.fullmatch(r"\s*([\d.]+)\s*GB\s*", memory, re.IGNORECASE)):
         number = decimal.group(1)
