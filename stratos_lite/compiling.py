@@ -25,7 +25,8 @@ def compile_layers(model: nn.Module, **options) -> None:
                          "has none")
     if getattr(model, "layers_compiled", False):
         return
+    options.setdefault("dynamic", True)
     for layer in layers:
-        layer.compile(**{"dynamic": True, **options})
+        layer.compile(**options)
     model.register_forward_pre_hook(hold_norms)  # also when adapters come after compiling (no-op without them)
     model.layers_compiled = True

@@ -67,6 +67,30 @@ def test_a_compiled_model_still_generates_and_saves_under_its_own_names(tmp_path
     assert sl.generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=6) == expected  # decoding runs eagerly
 
 
+def test_adapters_applied_after_compiling_train_as_eager_ones():
+    """compile_layers passes torch.compile's options on (aot_eager here: the graphs without inductor's code
+    generation) and holds DoRA's norms for adapters that arrive after it, which a compiled layer reads."""
+    import copy
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    eager = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(tiny_config()))
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled, backend="aot_eager")
+    ids = torch.randint(0, 100, (2, 9))
+    gradients = []
+    for model in (eager, compiled):
+        sl.apply_dora(model, rank=4, alpha=8, dropout=0.0)
+        with torch.no_grad():  # B = 0 would leave the norm equal to ||W||, whichever way it was found
+            for _, layer in sl.dora.dora_layers(model):
+                layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        model.train()(ids).float().square().mean().backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-5, atol=1e-7), name
+
+
 def test_compile_refuses_what_it_cannot_run_with():
     with pytest.raises(ConfigError, match="'compile' = true runs with strategy 'ddp'"):
         sl.TrainConfig(compile=True, strategy="fsdp")

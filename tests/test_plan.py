@@ -162,6 +162,20 @@ def test_run_that_does_not_fit_stops_before_loading(tmp_path, demo_dir):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_activations_without_checkpointing_are_those_of_a_run_without_it():
+    """A run without checkpointing reports its own activations as the unchecked figure (not simulated twice):
+    the bytes a simulation without checkpointing saves; with checkpointing the figure is larger."""
+    data = DataShape(examples=64, longest=40, longest_completion=10, mean_tokens=40, source="test")
+    plans = {}
+    for checkpointing in (False, True):
+        config = sl.TrainConfig(rank=4, alpha=8, dtype="float32", batch_size=3, grad_accum=2,
+                                gradient_checkpointing=checkpointing)
+        plans[checkpointing] = sl.plan(config, model_config=TINY, data=data, memory="1GB")
+    unchecked = _Simulator(TINY, config, torch.float32, "sdpa").saved_without_checkpointing(3, 40, 30)
+    assert plans[False].activations_no_checkpointing == plans[False].activations == unchecked
+    assert plans[True].activations < plans[True].activations_no_checkpointing
+
+
 def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     data = DataShape(examples=64, longest=32, longest_completion=8, mean_tokens=32, source="test")
     deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=6, vocab_size=128))  # layers hold the weight
