@@ -69,8 +69,8 @@ class TrainConfig:
     attention_kernel: str = "sdpa"
     # torch.compile each decoder layer (compiling.py): the first steps pay the compilation, the rest may run
     # faster or slower depending on the device (`benchmarks/step_speed.py --compile` measures both; on a 2-core
-    # CPU it was slower except fp32 with mlp checkpointing). Runs with the strategy "ddp" (one process or
-    # several) and heap_release "off" or "steps".
+    # CPU it was slower with whole-layer checkpointing and 0.91-1.21x with "mlp"). Runs with the strategy
+    # "ddp" (one process or several) and heap_release "off" or "steps".
     compile: bool = False
     seed: int = 0
     # Bitwise reruns: a CPU run is deterministic as it is. On a GPU, true turns on PyTorch's deterministic
