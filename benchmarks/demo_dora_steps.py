@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import stratos_lite as sl
-from stratos_lite.demo_config import DemoConfig, phase_config
-from stratos_lite.evaluate import evaluate
+from stratos_lite.demo.config import DemoConfig, phase_config
+from stratos_lite.evaluation.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from stratos_lite.demo_base import verdict_errors
-from stratos_lite.demo_config import DemoConfig
-from stratos_lite.demo_run import run_demo
+from stratos_lite.demo.base import verdict_errors
+from stratos_lite.demo.config import DemoConfig
+from stratos_lite.demo.run import run_demo
 
 
 def seed_list(text: str) -> list[int]:

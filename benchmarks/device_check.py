@@ -33,8 +33,8 @@ from step_speed import SHAPES, device, device_name  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 import stratos_lite as sl  # noqa: E402
-from stratos_lite.model import attend  # noqa: E402
-from stratos_lite.sdpa_report import kernel_of_call, versions  # noqa: E402
+from stratos_lite.model.attention_report import kernel_of_call, versions  # noqa: E402
+from stratos_lite.model.qwen3 import attend  # noqa: E402
 
 
 def environment() -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.dora import DoRALinear
+from stratos_lite.model.dora import DoRALinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import median_seconds

@@ -17,11 +17,11 @@ import torch
 from timing import median_seconds
 
 import stratos_lite as sl
-from stratos_lite.config import bf16_is_native
-from stratos_lite.data import collate
-from stratos_lite.demo import make_demo_data
-from stratos_lite.demo_config import DemoConfig
-from stratos_lite.trainer import example_losses
+from stratos_lite.data.batch import collate
+from stratos_lite.demo.config import DemoConfig
+from stratos_lite.demo.data import make_demo_data
+from stratos_lite.train.device import bf16_is_native
+from stratos_lite.train.loss import example_losses
 
 
 def step_seconds(dtype: torch.dtype, batch: dict, model_config: dict, vocab: int, repeats: int) -> float:

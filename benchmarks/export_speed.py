@@ -29,7 +29,7 @@ from load_memory import bench_config, rss_bytes
 
 def write_inputs(folder: Path, params: float) -> None:
     import stratos_lite as sl
-    from stratos_lite.demo import PROFILES
+    from stratos_lite.demo.data import PROFILES
 
     config = sl.Qwen3Config.from_dict(bench_config(params))
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def write_inputs(folder: Path, params: float) -> None:
 
 
 def ours(folder: Path, out: Path, quant: str) -> dict:
-    from stratos_lite.gguf_export import export_gguf_from_folder
+    from stratos_lite.export.gguf_file import export_gguf_from_folder
 
     start = time.perf_counter()
     export_gguf_from_folder(folder / "base", out, folder / "adapter", quant=quant, modelfile=False)
@@ -71,12 +71,12 @@ def llama_quantize(source: Path, target: Path, quant: str) -> None:
 def _add_metadata(writer, base: Path) -> None:
     """Hyperparameters and tokenizer for an f16 file (no tensors are touched: the model is on the meta device)."""
     import stratos_lite as sl
-    from stratos_lite.gguf_export import _add_hyperparameters, _add_tokenizer
+    from stratos_lite.export.gguf_file import add_hyperparameters, add_tokenizer
 
     with torch.device("meta"):
         model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(json.loads((base / "config.json").read_text())))
-    _add_hyperparameters(writer, model, "f16", "bench")
-    _add_tokenizer(writer, sl.Tokenizer.from_pretrained(base), model.config.vocab_size)
+    add_hyperparameters(writer, model, "f16", "bench")
+    add_tokenizer(writer, sl.Tokenizer.from_pretrained(base), model.config.vocab_size)
 
 
 def reference(folder: Path, out: Path, quant: str) -> dict:
@@ -145,7 +145,7 @@ def child(route: str, folder: Path, quant: str) -> None:
 def quantizer_rates() -> tuple[float, float]:
     import gguf
 
-    from stratos_lite.gguf_export import quantize_q8_0
+    from stratos_lite.export.gguf_file import quantize_q8_0
 
     x = torch.randn(4096, 4096)
     rates = []

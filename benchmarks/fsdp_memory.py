@@ -27,9 +27,10 @@ import torch
 from step_speed import SHAPES, examples
 
 import stratos_lite as sl
-from stratos_lite.config import default_device
-from stratos_lite.distributed import exit_distributed, load_sharded, local
-from stratos_lite.plan import DataShape
+from stratos_lite.planning.report import DataShape
+from stratos_lite.train.device import default_device
+from stratos_lite.train.fsdp import load_sharded, local
+from stratos_lite.train.strategy import exit_distributed
 
 STRATEGIES = ("one process", "ddp", "fsdp")
 

@@ -23,7 +23,7 @@ import torch
 from dtype_speed import demo_base_phase
 
 import stratos_lite as sl
-from stratos_lite.demo_config import phase_config
+from stratos_lite.demo.config import phase_config
 
 SETTINGS = ("off", "steps", "layers")
 

@@ -53,8 +53,8 @@ def qwen3_tokenizer(folder: Path):
 
 def write_records(path: Path, tokenizer, count: int, seed: int = 0) -> None:
     """`count` scored records whose tokenized lengths follow the log-normal above."""
-    from stratos_lite.data import scoring_messages
-    from stratos_lite.demo import make_records, write_jsonl
+    from stratos_lite.data.task import scoring_messages
+    from stratos_lite.demo.data import make_records, write_jsonl
 
     generator = torch.Generator().manual_seed(seed)
     targets = (torch.randn(count, generator=generator, dtype=torch.float64) * SIGMA + math.log(MEDIAN_TOKENS)).exp()
@@ -72,7 +72,7 @@ def write_records(path: Path, tokenizer, count: int, seed: int = 0) -> None:
 def draws(dataset, steps: int) -> list[int]:
     """The examples the trainer draws in `steps` steps (uniform sampling, seed 0), in order."""
     import stratos_lite as sl
-    from stratos_lite.sampler import sampler_for
+    from stratos_lite.data.sampler import sampler_for
 
     config = sl.TrainConfig(batch_size=BATCH, grad_accum=ACCUM, band_sampling=False)
     draw = iter(sampler_for(dataset, config))
@@ -175,8 +175,8 @@ def main() -> None:
 def profile_row(args: argparse.Namespace, work: Path, tokenizer) -> None:
     """torch.profiler's table of the first packed row of one step (forward, recompute, backward)."""
     import stratos_lite as sl
-    from stratos_lite.packing import pack_step
-    from stratos_lite.trainer import example_losses
+    from stratos_lite.data.packing import pack_step
+    from stratos_lite.train.loss import example_losses
 
     dataset = sl.ScoredDataset.from_jsonl(work / "train.jsonl", tokenizer, max_len=MAX_LEN)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ import torch
 from step_speed import examples
 
 import stratos_lite as sl
-from stratos_lite.plan import DataShape
+from stratos_lite.planning.report import DataShape
 
 SHAPES = {
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

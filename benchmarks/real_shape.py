@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import stratos_lite as sl
-from stratos_lite.data import SYSTEM_PROMPT, scoring_messages
-from stratos_lite.demo import make_records, write_jsonl
+from stratos_lite.data.task import SYSTEM_PROMPT, scoring_messages
+from stratos_lite.demo.data import make_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

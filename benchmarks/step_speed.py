@@ -106,7 +106,7 @@ def run_ours(shape: dict, seq: int, dtype: str, steps: int, out_dir: str,
     """Step times, and the plan's live peak and GPU reserve for the same run (made before it); `settings` are
     the row's TrainConfig fields (checkpoint_policy, compile, deterministic)."""
     import stratos_lite as sl
-    from stratos_lite.plan import DataShape
+    from stratos_lite.planning.report import DataShape
 
     torch.manual_seed(0)
     model = sl.Qwen3ForCausalLM(sl.Qwen3Config(**shape)).to(device())

@@ -1,6 +1,7 @@
 """stratos_lite: fine-tune Qwen3 with DoRA in plain PyTorch and ship it as GGUF.
 
     load_pretrained / apply_dora / ScoredDataset / TrainConfig / Trainer     train (plan() first: will it fit?)
+    prepare_model                                                            the model a TrainConfig trains
     evaluate (TorchEngine, LlamaCppEngine)                                   score by generation, and the GGUF
     save_adapter / merge_dora / save_pretrained / export_gguf                ship: PEFT, HF folder, GGUF
     format_quant_table / smallest_within                                     which GGUF quant to ship
@@ -8,34 +9,34 @@
 The `stratos-lite` command runs the same as subcommands (stratos_lite/commands).
 """
 
-from .atomic import WriteError
-from .config import ConfigError, TrainConfig, compute_dtype
-from .data import DEFAULT_BANDS, Band, DataError, DatasetReport, ScoredDataset, collate
-from .dora import (
-    AdapterSummary,
-    DoRALinear,
-    adapters_disabled,
-    apply_dora,
-    load_adapter,
-    merge_dora,
-    save_adapter,
-)
-from .engines import EngineError, LlamaCppEngine, TorchEngine
-from .evaluate import ParsedScore, Prediction, evaluate, parse_completion, read_predictions
-from .files import CheckpointError
-from .generate import generate
-from .gguf_export import ExportError, export_gguf, export_gguf_from_folder
-from .guard import NonFiniteError
-from .lock import LockError
-from .model import KVCache, Qwen3Config, Qwen3ForCausalLM
-from .plan import Plan, PlanError, plan
-from .preemption import Interrupted
-from .quant_choice import format_quant_table, smallest_within
-from .quant_types import QuantFallbackWarning
-from .sampler import BandSampler, verify_sampler
-from .tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
-from .trainer import Trainer, TrainResult
-from .weights import load_model, load_pretrained, save_pretrained
+from .config import ConfigError, TrainConfig
+from .data.batch import collate
+from .data.dataset import DatasetReport, ScoredDataset
+from .data.records import DataError
+from .data.sampler import BandSampler, verify_sampler
+from .data.task import DEFAULT_BANDS, Band, ParsedScore, parse_completion
+from .evaluation.engines import EngineError, LlamaCppEngine, TorchEngine
+from .evaluation.evaluate import evaluate
+from .evaluation.predictions import Prediction, read_predictions
+from .export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from .export.quant_choice import format_quant_table, smallest_within
+from .export.quant_types import QuantFallbackWarning
+from .model.dora import AdapterSummary, DoRALinear, adapters_disabled, apply_dora, merge_dora
+from .model.folders import load_model, load_pretrained, save_pretrained
+from .model.generate import generate
+from .model.peft_files import load_adapter, save_adapter
+from .model.qwen3 import KVCache, Qwen3Config, Qwen3ForCausalLM
+from .model.tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
+from .planning.planner import plan
+from .planning.report import Plan, PlanError
+from .storage.atomic import WriteError
+from .storage.files import CheckpointError, ModelFileError
+from .storage.lock import LockError
+from .train.builder import prepare_model
+from .train.device import compute_dtype
+from .train.guard import NonFiniteError
+from .train.preemption import Interrupted
+from .train.trainer import Trainer, TrainResult
 
 __all__ = [
     "DEFAULT_BANDS",
@@ -54,6 +55,7 @@ __all__ = [
     "LlamaCppEngine",
     "LockError",
     "Message",
+    "ModelFileError",
     "NonFiniteError",
     "ParsedScore",
     "Plan",
@@ -84,6 +86,7 @@ __all__ = [
     "merge_dora",
     "parse_completion",
     "plan",
+    "prepare_model",
     "read_predictions",
     "render_completion",
     "render_prompt",

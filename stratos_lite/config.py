@@ -1,4 +1,4 @@
-"""What a run asks for: TrainConfig, its validation, and what each setting resolves to on a device.
+"""What a run asks for: TrainConfig, its validation, and which settings a resumed run may change.
 
 Every setting is checked for type and range when the config is made (from TOML, `--set` or Python), so a bad
 value is refused before anything is loaded, with one line naming the setting, the value and what is allowed.
@@ -11,17 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tomllib
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from .dora import DEFAULT_TARGETS
-from .files import read_toml
+from .model.dora import DEFAULT_TARGETS
+from .storage.files import read_toml
 
 
 @dataclass
@@ -93,7 +88,7 @@ class TrainConfig:
     eval_every: int = 0  # held-out loss every N steps (0: never)
     eval_examples: int = 256
     max_nonfinite_steps: int = 0  # skip up to N non-finite steps instead of stopping
-    progress: bool = True
+    progress: bool = True  # report as the run goes: the data's report and the adapter at start, a bar per step
     # Where step records go: metrics.jsonl always (the record resuming and the summary read), and TensorBoard
     # event files under out_dir/tensorboard with "tensorboard" (pip install 'stratos_lite[tensorboard]').
     log: list[str] = field(default_factory=lambda: ["jsonl"])
@@ -258,62 +253,6 @@ def _parse_value(raw: str):
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
-
-
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls in hardware: GPUs that support bf16 natively (not emulated:
-    pre-Ampere NVIDIA cards emulate it), and CPUs with AVX512-BF16 or AMX (what oneDNN checks). On other
-    CPUs bf16 is emulated: a demo step measured 25x slower than fp32 on an AVX2-only AMD EPYC
-    (benchmarks/dtype_speed.py)."""
-    if device.type == "cuda":  # the current device: each rank has set its own
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return True
-
-
-def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The dtype TrainConfig.dtype asks for on `device` ("auto": bf16 where native, else fp32)."""
-    if setting == "auto":
-        return torch.bfloat16 if bf16_is_native(device) else torch.float32
-    return getattr(torch, setting)
-
-
-def attention_kernel(setting: str):
-    """The context a training forward and backward run under for TrainConfig.attention_kernel. The backward
-    runs under it too: gradient checkpointing recomputes forwards there."""
-    return sdpa_kernel(SDPBackend.MATH) if setting == "math" else nullcontext()
-
-
-@contextmanager
-def deterministic_algorithms(wanted: bool):
-    """PyTorch's deterministic algorithms for the block when `wanted` (TrainConfig.deterministic), as before after."""
-    if not wanted:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for repeatable results
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
-def optimizer_steps(config: TrainConfig, examples: int, world_size: int = 1) -> int:
-    """How many optimizer steps a run of `config` over `examples` takes: max_steps when set, else its epochs
-    at batch_size x grad_accum x world_size examples per step."""
-    if config.max_steps > 0:
-        return config.max_steps
-    per_step = config.batch_size * config.grad_accum * world_size
-    return max(1, math.ceil(config.epochs * examples / per_step))
-
-
-def default_device() -> torch.device:
-    """This process's GPU when there is one (ROCm builds answer to "cuda" too), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 # Settings that do not change what a run computes, only how it is watched, stored or scheduled on the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stratos_lite import Tokenizer, train_chatml_tokenizer
-from stratos_lite.demo import make_demo_data
+from stratos_lite.demo.data import make_demo_data
 
 CORPUS = [
     "Senior geophysicist at KOC Kuwait follows seismic surveys, reservoir models and oil price news.",

@@ -54,7 +54,7 @@ def evaluate_with_gguf(model_dir, eval_path, out_dir, gguf_path) -> dict:
     import torch
 
     import stratos_lite as sl
-    from stratos_lite.evaluate import evaluate
+    from stratos_lite.evaluation.evaluate import evaluate
 
     model, tokenizer = sl.load_pretrained(model_dir, dtype=torch.float32)
     return evaluate(model, tokenizer, eval_path, out_dir, batch_size=4, max_new_tokens=24, progress=False,
@@ -64,8 +64,8 @@ def evaluate_with_gguf(model_dir, eval_path, out_dir, gguf_path) -> dict:
 def prompt_checks(gguf_path, tokenizer_dir, modelfile=None) -> list[dict]:
     """stratos_lite.serving's checks of the prompts servers build from a GGUF (and its Modelfile)."""
     import stratos_lite as sl
-    from stratos_lite.data import scoring_messages
-    from stratos_lite.serving import served_prompt_checks
+    from stratos_lite.data.task import scoring_messages
+    from stratos_lite.evaluation.serving import served_prompt_checks
 
     tokenizer = sl.Tokenizer.from_pretrained(tokenizer_dir)
     llm = _open(gguf_path, vocab_only=True)

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from train_child import build, save_base
 
 import stratos_lite as sl
-from stratos_lite.checkpoint import CheckpointWarning, checkpoints
 from stratos_lite.config import ConfigError, TrainConfig
-from stratos_lite.files import CheckpointError, FileFormatError
-from stratos_lite.trainer import Trainer
+from stratos_lite.storage.files import CheckpointError, FileFormatError
+from stratos_lite.train.checkpoint import CheckpointWarning, checkpoints
+from stratos_lite.train.trainer import Trainer
 
 TOOLS = Path(__file__).parent.parent / "tools"
 

@@ -15,8 +15,8 @@ from train_child import build, save_base
 
 import stratos_lite as sl
 from stratos_lite.commands import parser
-from stratos_lite.metrics_log import log_generation_metrics
-from stratos_lite.trainer import Trainer
+from stratos_lite.train.metrics_log import log_generation_metrics
+from stratos_lite.train.trainer import Trainer
 
 ROOT = Path(__file__).parent.parent
 
@@ -89,7 +89,7 @@ def test_tensorboard_events_hold_the_logged_values(demo_dir, tmp_path):
 
 
 def test_tensorboard_without_the_package_is_refused_before_training(demo_dir, tmp_path, monkeypatch):
-    import stratos_lite.metrics_log as metrics_log
+    import stratos_lite.train.metrics_log as metrics_log
 
     monkeypatch.setattr(metrics_log.importlib.util, "find_spec", lambda name: None)
     model, dataset, tok = build(str(demo_dir), dropout=0.0)

@@ -9,8 +9,9 @@ from test_trainer import quick_config
 from train_child import build
 
 import stratos_lite as sl
-from stratos_lite.compiling import compile_layers
 from stratos_lite.config import ConfigError
+from stratos_lite.model.compiling import compile_layers
+from stratos_lite.model.dora import dora_layers
 
 
 def compiled_graphs() -> int:
@@ -27,14 +28,14 @@ def test_compiled_layers_train_as_the_eager_ones_and_compile_only_in_the_first_s
     after the first step (the norms DoRA holds for each forward are inputs, not constants). One run, as
     compiling costs ~40 s on two cores. Dropout is off: a compiled layer draws its own."""
     graphs_after_step = []
-    real_step = sl.Trainer._step
+    real_step = sl.Trainer.step
 
     def counting(self, *args):
         result = real_step(self, *args)
         graphs_after_step.append(compiled_graphs())
         return result
 
-    monkeypatch.setattr(sl.Trainer, "_step", counting)
+    monkeypatch.setattr(sl.Trainer, "step", counting)
     runs = {}
     for compiled in (False, True):
         model, dataset, tok = build(str(demo_dir), dropout=0.0)
@@ -43,7 +44,7 @@ def test_compiled_layers_train_as_the_eager_ones_and_compile_only_in_the_first_s
                               checkpoint_policy="mlp", eval_every=2, eval_examples=8)
         sl.Trainer(model, dataset, config, eval_dataset=dataset, pad_id=tok.pad_id).train()
         graphs_after_step.append(compiled_graphs())  # after the last evaluation too
-        runs[compiled] = losses(out), sl.dora.dora_layers(model)
+        runs[compiled] = losses(out), dora_layers(model)
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     eager, compiled = dict(runs[False][1]), dict(runs[True][1])
     for name, layer in compiled.items():
@@ -83,7 +84,7 @@ def test_adapters_applied_after_compiling_train_as_eager_ones():
     for model in (eager, compiled):
         sl.apply_dora(model, rank=4, alpha=8, dropout=0.0)
         with torch.no_grad():  # B = 0 would leave the norm equal to ||W||, whichever way it was found
-            for _, layer in sl.dora.dora_layers(model):
+            for _, layer in dora_layers(model):
                 layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
         model.train()(ids).float().square().mean().backward()
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})

@@ -5,18 +5,12 @@ import json
 import pytest
 import torch
 
-from stratos_lite.data import (
-    DEFAULT_BANDS,
-    IGNORE_INDEX,
-    DataError,
-    ScoredDataset,
-    band_index,
-    collate,
-    score_text,
-    scoring_messages,
-)
-from stratos_lite.demo import PROFILES, make_demo_data, make_records, relevance
-from stratos_lite.tokenizer import Tokenizer
+from stratos_lite.data.batch import IGNORE_INDEX, collate
+from stratos_lite.data.dataset import ScoredDataset
+from stratos_lite.data.records import DataError
+from stratos_lite.data.task import DEFAULT_BANDS, band_index, score_text, scoring_messages
+from stratos_lite.demo.data import PROFILES, make_demo_data, make_records, relevance
+from stratos_lite.model.tokenizer import Tokenizer
 
 RECORD = {"profile_id": "geo", "profile": "Senior geophysicist, KOC Kuwait. Field: energy.", "article_id": "a1",
           "title": "Kuwait oil output rises", "article": "Sector: energy. Country: Kuwait. Oil output rose.",
@@ -144,10 +138,10 @@ def test_collate_pads_right():
     items = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "weight": 2.0},
              {"input_ids": torch.tensor([8]), "labels": torch.tensor([8]), "weight": 0.5}]
     batch = collate(items, pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["weight"].tolist() == [2.0, 0.5]
-    assert batch["lengths"].tolist() == [3, 1]
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch.weight.tolist() == [2.0, 0.5]
+    assert batch.lengths.tolist() == [3, 1]
 
 
 def test_demo_rule_and_data_are_deterministic(tmp_path):
@@ -156,7 +150,7 @@ def test_demo_rule_and_data_are_deterministic(tmp_path):
     records = make_records(400, 5, seed=0)
     scores = [r["score"] for r in records]
     assert max(scores) >= 8 and sum(s < 2 for s in scores) / len(scores) > 0.7
-    from stratos_lite.demo import Article
+    from stratos_lite.demo.data import Article
 
     oil_kuwait = Article("x", "energy", "oil", "Kuwait", "t", "x")
     assert relevance(geo, oil_kuwait)[0] == 10.0
@@ -175,7 +169,7 @@ def test_demo_rule_and_data_are_deterministic(tmp_path):
 
 
 def test_contrastive_boost_raises_group_examples_within_their_band(tmp_path, tokenizer):
-    from stratos_lite.sampler import example_probabilities
+    from stratos_lite.data.sampler import example_probabilities
 
     rows = [dict(RECORD, profile_id="a", score=0), dict(RECORD, profile_id="b", score=9),  # group a1: spread 9
             dict(RECORD, article_id="a2", profile_id="a", score=0), dict(RECORD, article_id="a3", score=9)]

@@ -6,7 +6,8 @@ import json
 import gguf
 from isolation import call_in_child
 
-from stratos_lite.demo_run import DemoConfig, run_demo
+from stratos_lite.demo.config import DemoConfig
+from stratos_lite.demo.run import run_demo
 
 
 def test_demo_pipeline_tiny(tmp_path, capfd):

@@ -13,9 +13,8 @@ import json
 import pytest
 import torch
 
-from stratos_lite.data import read_jsonl
-from stratos_lite.demo import make_demo_data
-from stratos_lite.demo_base import (
+from stratos_lite.data.records import read_jsonl
+from stratos_lite.demo.base import (
     VENDORED_BASE,
     base_settings,
     load_vendored_base,
@@ -25,11 +24,12 @@ from stratos_lite.demo_base import (
     vendored_record,
     warmup_steps,
 )
-from stratos_lite.demo_config import DemoConfig
-from stratos_lite.engines import TorchEngine
-from stratos_lite.evaluate import predict
-from stratos_lite.tokenizer import Tokenizer
-from stratos_lite.trainer import Trainer
+from stratos_lite.demo.config import DemoConfig
+from stratos_lite.demo.data import make_demo_data
+from stratos_lite.evaluation.engines import TorchEngine
+from stratos_lite.evaluation.predictions import predict
+from stratos_lite.model.tokenizer import Tokenizer
+from stratos_lite.train.trainer import Trainer
 
 REPEATED = 40  # of the recorded warmup steps, the first this many are trained again
 
@@ -129,9 +129,9 @@ def test_shipped_weights_are_bf16_and_loadable_as_float32():
 
 def test_demo_dora_phase_on_the_shipped_base_repeats_bitwise_for_a_seed(tmp_path):
     """What a demo run computes after its (tested) data: the same seed gives the same adapter, bit for bit."""
-    from stratos_lite.data import ScoredDataset
-    from stratos_lite.demo_config import phase_config
-    from stratos_lite.dora import apply_dora
+    from stratos_lite.data.dataset import ScoredDataset
+    from stratos_lite.demo.config import phase_config
+    from stratos_lite.model.dora import apply_dora
 
     adapters = []
     for run in ("a", "b"):

@@ -1,6 +1,7 @@
 """The device path, where the CPU can check it: DoRA's magnitude reaches a bf16 forward, the process-group
 backend follows the model's device, bf16 support is asked of the model's device, plan sizes in GiB."""
 
+import dataclasses
 import json
 import math
 
@@ -9,9 +10,11 @@ import torch
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.config import bf16_is_native
-from stratos_lite.distributed import process_group_backend
-from stratos_lite.weights import parse_size
+from stratos_lite.data.batch import Batch, LossPositions
+from stratos_lite.model.dora import dora_layers
+from stratos_lite.model.folders import parse_size
+from stratos_lite.train.device import bf16_is_native
+from stratos_lite.train.strategy import process_group_backend
 
 
 def without_time(line: str) -> dict:
@@ -86,7 +89,8 @@ def test_deterministic_setting_turns_on_deterministic_algorithms_for_the_run(dem
     from test_trainer import quick_config
     from train_child import build
 
-    from stratos_lite.trainer import Trainer, example_losses
+    from stratos_lite.train.loss import example_losses
+    from stratos_lite.train.trainer import Trainer
 
     seen = []
     real = example_losses
@@ -95,7 +99,7 @@ def test_deterministic_setting_turns_on_deterministic_algorithms_for_the_run(dem
         seen.append(torch.are_deterministic_algorithms_enabled())
         return real(model, batch)
 
-    monkeypatch.setattr("stratos_lite.trainer.example_losses", watching)
+    monkeypatch.setattr("stratos_lite.train.trainer.example_losses", watching)
     runs = []
     for name in ("a", "b"):
         model, dataset, tok = build(str(demo_dir), dropout=0.1)
@@ -120,7 +124,7 @@ def test_deterministic_setting_turns_on_deterministic_algorithms_for_the_run(dem
 def test_gguf_engine_offloads_every_layer_when_llama_cpp_has_a_gpu(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from stratos_lite import engines
+    from stratos_lite.evaluation import engines
 
     calls = []
     for gpu_build, expected in ((True, -1), (False, 0)):
@@ -151,7 +155,7 @@ def test_install_script_keeps_a_gpu_build_of_llama_cpp(tmp_path):
 def test_the_attention_kernel_a_call_gets_is_read_from_the_call():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from stratos_lite.sdpa_report import attention_line, kernel_of_call, training_kernel
+    from stratos_lite.model.attention_report import attention_line, kernel_of_call, training_kernel
 
     assert training_kernel(4, 2, 16, torch.device("cpu"), torch.float32) == "flash"  # the CPU's flash kernel
     q, k, v = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
@@ -177,7 +181,7 @@ def test_a_training_step_never_waits_for_the_device_until_its_end(demo_dir, tmp_
     from torch.utils._pytree import tree_leaves
     from train_child import build
 
-    from stratos_lite.trainer import Trainer
+    from stratos_lite.train.trainer import Trainer
 
     class DeviceWaits(TorchDispatchMode):
         def __init__(self, on_device):
@@ -201,17 +205,19 @@ def test_a_training_step_never_waits_for_the_device_until_its_end(demo_dir, tmp_
     trainer = Trainer(model, dataset, config, pad_id=tok.pad_id)
     moved = []
 
-    def to_device(batch):  # fresh tensors, as a copy to a GPU makes
-        copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "lengths"}
-        moved.extend(v for v in copies.values() if isinstance(v, torch.Tensor))
+    def to_device(batch, device, pinned=False):  # fresh tensors, as a copy to a GPU makes
+        copies = {name: getattr(batch, name).clone() for name in ("input_ids", "labels", "weight", "position_ids",
+                                                                  "example_of") if getattr(batch, name) is not None}
+        loss = LossPositions(*(t.clone() for t in dataclasses.astuple(batch.loss)))
+        moved.extend([*copies.values(), *dataclasses.astuple(loss)])
         waits.on_device.update({id(t): t for t in moved})
-        return copies
+        return dataclasses.replace(batch, **copies, loss=loss)
 
-    monkeypatch.setattr(trainer, "_on_device", to_device)
-    micro_batches = trainer._layout([dataset[i] for i in range(config.batch_size * config.grad_accum)])
+    monkeypatch.setattr(Batch, "to", to_device)
+    micro_batches = trainer.lay_out([dataset[i] for i in range(config.batch_size * config.grad_accum)])
     optimizer = torch.optim.AdamW(trainer.params, lr=1e-3)
     with DeviceWaits(list(model.parameters())) as waits:
-        loss, grad_norm, _ = trainer._step(micro_batches, optimizer)
+        loss, grad_norm, _ = trainer.step(micro_batches, optimizer)
     assert moved and len(waits.on_device) > 100  # the following reached the step's work
     assert waits.seen == [] and math.isfinite(loss) and grad_norm > 0
 
@@ -225,7 +231,7 @@ def test_fixed_shape_decoding_steps_repeat_the_same_kernels_and_never_read_the_d
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from stratos_lite.generate import GraphedSteps, InOrderSteps
+    from stratos_lite.model.generate import GraphedSteps, InOrderSteps
 
     class StepOps(TorchDispatchMode):
         def __init__(self):
@@ -253,7 +259,7 @@ def test_fixed_shape_decoding_steps_repeat_the_same_kernels_and_never_read_the_d
     model = sl.load_model(tmp_path, dtype=torch.float32)
     sl.apply_dora(model, rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
-        for _, layer in sl.dora.dora_layers(model):
+        for _, layer in dora_layers(model):
             layer.lora_B.normal_(0, 0.05)
     model.eval()
     prompts = [[5, 6, 7, 40, 41], [8, 9], [10, 11, 12]]

@@ -9,7 +9,8 @@ from conftest import tiny_config, write_hf_checkpoint
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.dora import DoRALinear, adapters_disabled, apply_dora, load_adapter, merge_dora, save_adapter
+from stratos_lite.model.dora import DoRALinear, adapters_disabled, apply_dora, merge_dora
+from stratos_lite.model.peft_files import load_adapter, save_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -157,7 +158,7 @@ def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config())
     model = sl.load_model(tmp_path, dtype=torch.float32)
     apply_dora(model, rank=2, alpha=4)
-    with pytest.raises(sl.CheckpointError, match="merge_dora"):
+    with pytest.raises(sl.ModelFileError, match="merge_dora"):
         sl.save_pretrained(model, None, tmp_path / "out")
 
 
@@ -170,7 +171,7 @@ def test_adapter_with_wrong_shapes(tmp_path):
     apply_dora(wide, rank=4, alpha=8)
     save_adapter(wide, tmp_path / "adapter")
     small = sl.load_model(tmp_path / "small", dtype=torch.float32)
-    with pytest.raises(sl.CheckpointError, match=r"gate_proj\.lora_B\.weight' has shape \(128, 4\)"):
+    with pytest.raises(sl.ModelFileError, match=r"gate_proj\.lora_B\.weight' has shape \(128, 4\)"):
         load_adapter(small, tmp_path / "adapter")
 
 
@@ -183,13 +184,13 @@ def test_adapter_with_unknown_target_modules(tmp_path):
     config = json.loads(path.read_text())
     config["target_modules"] = ["q_proj", "c_attn"]
     path.write_text(json.dumps(config))
-    with pytest.raises(sl.CheckpointError, match=r"\['c_attn'\] match no linear layer"):
+    with pytest.raises(sl.ModelFileError, match=r"\['c_attn'\] match no linear layer"):
         load_adapter(sl.load_model(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter")
 
 
 def test_plain_lora_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": False}))
-    with pytest.raises(sl.CheckpointError, match="use_dora true"):
+    with pytest.raises(sl.ModelFileError, match="use_dora true"):
         load_adapter(nn.Linear(2, 2), tmp_path)
 
 
@@ -225,7 +226,7 @@ def test_inference_path_equals_training_path():
 
 
 def test_adapter_dropout_keeps_the_right_share_and_rescales():
-    from stratos_lite.dora import adapter_dropout
+    from stratos_lite.model.dora import adapter_dropout
 
     torch.manual_seed(0)
     x = torch.ones(400, 500)

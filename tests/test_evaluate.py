@@ -8,16 +8,11 @@ from conftest import tiny_config, write_hf_checkpoint
 from scipy.stats import spearmanr
 
 import stratos_lite as sl
-from stratos_lite.data import scoring_completion
-from stratos_lite.evaluate import (
-    Prediction,
-    evaluate,
-    metrics,
-    parse_completion,
-    report_markdown,
-    spread_check,
-    tier,
-)
+from stratos_lite.data.task import parse_completion, scoring_completion, tier
+from stratos_lite.evaluation.evaluate import evaluate
+from stratos_lite.evaluation.metrics import metrics, spread_check
+from stratos_lite.evaluation.predictions import Prediction
+from stratos_lite.evaluation.report import report_markdown
 
 
 def completion_text(score, reasoning="Field match."):

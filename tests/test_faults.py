@@ -17,16 +17,19 @@ from test_trainer import child, final_adapter, quick_config
 from train_child import build
 
 import stratos_lite as sl
-from stratos_lite import checkpoint as checkpoint_module
-from stratos_lite import dora as dora_module
-from stratos_lite import gguf_export as gguf_module
-from stratos_lite.atomic import WriteError, staged_file
-from stratos_lite.checkpoint import checkpoint_damage, checkpoints
 from stratos_lite.config import ConfigError
-from stratos_lite.data import Band, DataError, ScoredDataset
-from stratos_lite.lock import LockError, StaleLockWarning
-from stratos_lite.preemption import StopRequests
-from stratos_lite.trainer import Trainer
+from stratos_lite.data.dataset import ScoredDataset
+from stratos_lite.data.records import DataError
+from stratos_lite.data.task import Band
+from stratos_lite.export import gguf_file as gguf_module
+from stratos_lite.model import folders as folders_module
+from stratos_lite.model import peft_files as peft_module
+from stratos_lite.storage.atomic import WriteError, staged_file
+from stratos_lite.storage.lock import LockError, StaleLockWarning
+from stratos_lite.train import checkpoint as checkpoint_module
+from stratos_lite.train.checkpoint import checkpoint_damage, checkpoints
+from stratos_lite.train.preemption import StopRequests
+from stratos_lite.train.trainer import Trainer
 
 
 def hidden_leftovers(folder) -> list[str]:
@@ -117,7 +120,7 @@ def test_fault_checkpoint_write_error_leaves_older_checkpoints(demo_dir, tmp_pat
 
 
 def test_fault_metrics_log_write_error_names_the_log(demo_dir, tmp_path, monkeypatch):
-    import stratos_lite.metrics_log as metrics_log
+    import stratos_lite.train.metrics_log as metrics_log
 
     def full(path, mode="r", *args, **kwargs):
         if str(path).endswith("metrics.jsonl") and mode == "a":
@@ -136,14 +139,14 @@ def test_fault_export_to_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatc
                                                num_key_value_heads=2, head_dim=16))
     target = sl.export_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32")
     before = target.read_bytes()
-    real = gguf_module._encode
+    real = gguf_module.encode
 
     def disk_fills(planned, qtype):
         if planned.name.startswith("blk.1"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(planned, qtype)
 
-    monkeypatch.setattr(gguf_module, "_encode", disk_fills)
+    monkeypatch.setattr(gguf_module, "encode", disk_fills)
     with pytest.raises(WriteError, match=r"m\.gguf: cannot write: No space left on device"):
         sl.export_gguf(model, tokenizer, target, quant="q8_0")
     assert target.read_bytes() == before and hidden_leftovers(tmp_path) == []
@@ -213,8 +216,8 @@ def test_fault_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(demo_dir, 
 
 # -- one writer per out_dir -----------------------------------------------------------------------------------
 
-HOLDER = ("import sys, time\nfrom stratos_lite.lock import OutDirLock\nheld = OutDirLock(sys.argv[1]).acquire()\n"
-          "print('held', flush=True)\ntime.sleep(120)\n")
+HOLDER = ("import sys, time\nfrom stratos_lite.storage.lock import OutDirLock\n"
+          "held = OutDirLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
 
 
 def test_fault_second_run_in_a_held_out_dir_is_refused_and_a_dead_runs_lock_taken_over(demo_dir, tmp_path):
@@ -271,10 +274,10 @@ def test_fault_kill_while_writing_outputs_leaves_the_previous_ones(demo_dir, tmp
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(dora_module, "save_file", killed)
+    monkeypatch.setattr(peft_module, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         sl.save_adapter(model, adapter)
-    monkeypatch.setattr(sl.weights, "save_file", killed)
+    monkeypatch.setattr(folders_module, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         sl.save_pretrained(model.__class__(model.config), tok, merged)
     assert {p: p.read_bytes() for folder in (adapter, merged) for p in folder.iterdir()} == before

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from train_child import save_base
 
-from stratos_lite.checkpoint import checkpoints
+from stratos_lite.train.checkpoint import checkpoints
 
 HERE = Path(__file__).parent
 

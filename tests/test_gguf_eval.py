@@ -10,9 +10,9 @@ from conftest import tiny_config, write_hf_checkpoint
 from isolation import call_in_child
 
 import stratos_lite as sl
-from stratos_lite import gguf_export
-from stratos_lite.data import SYSTEM_PROMPT, scoring_messages
-from stratos_lite.serving import ollama_prompt, render_go_template
+from stratos_lite.data.task import SYSTEM_PROMPT, scoring_messages
+from stratos_lite.evaluation.serving import ollama_prompt, render_go_template
+from stratos_lite.export import gguf_file, modelfile
 
 ROWS = [{"profile_id": f"p{k % 3}", "profile": f"Reader {k % 3}, field {k % 2}", "article_id": f"a{k // 3}",
          "title": f"Story {k // 3}", "article": "Output rose.", "score": float(k), "reasoning": f"Because {k}."}
@@ -73,14 +73,14 @@ def test_altered_chat_template_is_caught(tmp_path, tokenizer):
 
 def test_altered_tokenizer_metadata_is_caught(tmp_path, tokenizer, monkeypatch):
     model = write_and_load(tmp_path, tokenizer)
-    real = gguf_export.vocabulary
+    real = gguf_file.vocabulary
 
     def im_start_as_plain_text(tok, rows):
         tokens, types, merges = real(tok, rows)
-        types[tok.im_start_id] = gguf_export.gguf.TokenType.NORMAL  # no longer parsed as a special token
+        types[tok.im_start_id] = gguf_file.gguf.TokenType.NORMAL  # no longer parsed as a special token
         return tokens, types, merges
 
-    monkeypatch.setattr(gguf_export, "vocabulary", im_start_as_plain_text)
+    monkeypatch.setattr(gguf_file, "vocabulary", im_start_as_plain_text)
     path = sl.export_gguf(model, tokenizer, tmp_path / "altered.gguf", quant="f32", system_prompt=SYSTEM_PROMPT)
     checks = call_in_child(llama_oracle.prompt_checks, path, tmp_path / "tok", tmp_path / "Modelfile")
     assert checks and not any(c["ok"] for c in checks)
@@ -105,7 +105,7 @@ def write_and_load(tmp_path, tokenizer):
 
 def test_go_template_renderer_reads_our_modelfile_as_ollama_does(tmp_path):
     messages = scoring_messages("Geophysicist.", "Oil", "Output rose.")
-    gguf_export.write_modelfile(tmp_path / "m.gguf", SYSTEM_PROMPT)
+    modelfile.write_modelfile(tmp_path / "m.gguf", SYSTEM_PROMPT)
     assert ollama_prompt(tmp_path / "Modelfile", messages) == sl.render_prompt(messages)
     assert ollama_prompt(tmp_path / "Modelfile", messages[1:]) == sl.render_prompt(messages)  # SYSTEM fills in
     template = "{{- if .System }}S:{{ .System }}\n{{ end }}{{- range .Messages }}[{{ .Role }}] {{ .Content }}\n" \
@@ -143,7 +143,7 @@ def test_export_several_quants_scored_in_one_command(scorer, tmp_path):
 
 
 def test_quant_choice_takes_the_smallest_file_within_tolerance(tmp_path):
-    from stratos_lite.quant_choice import format_quant_table, smallest_within
+    from stratos_lite.export.quant_choice import format_quant_table, smallest_within
 
     def engine(name, size, spearman, failures):
         (tmp_path / name).write_bytes(b"x" * size)

@@ -10,9 +10,9 @@ from conftest import tiny_config, write_hf_checkpoint
 from isolation import call_in_child
 
 import stratos_lite as sl
-from stratos_lite.gguf_export import ExportError, export_gguf, export_gguf_from_folder
-from stratos_lite.kquants import quantize_k
-from stratos_lite.quant_types import QuantFallbackWarning, tensor_type, use_more_bits
+from stratos_lite.export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from stratos_lite.export.kquants import quantize_k
+from stratos_lite.export.quant_types import QuantFallbackWarning, tensor_type, use_more_bits
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType

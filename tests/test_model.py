@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, write_hf_checkpoint
 
 import stratos_lite as sl
-from stratos_lite.model import attend_one_token
+from stratos_lite.model.qwen3 import attend_one_token
 
 CONFIGS = {
     "tied-mha-single": (tiny_config(tie_word_embeddings=True, num_key_value_heads=4), "2GB"),
@@ -196,7 +196,7 @@ def test_loaded_weights_are_private_to_each_model(tmp_path):
 # Bad input: one clear error that names the file or tensor.
 
 def test_missing_config(tmp_path):
-    with pytest.raises(sl.CheckpointError, match=r"config\.json"):
+    with pytest.raises(sl.ModelFileError, match=r"config\.json"):
         sl.load_model(tmp_path)
 
 
@@ -205,7 +205,7 @@ def test_not_qwen3(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(sl.CheckpointError, match="LlamaForCausalLM"):
+    with pytest.raises(sl.ModelFileError, match="LlamaForCausalLM"):
         sl.load_model(tmp_path)
 
 
@@ -213,7 +213,7 @@ def test_missing_shard(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config(), shard_size="60KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(sl.CheckpointError, match=shard.name):
+    with pytest.raises(sl.ModelFileError, match=shard.name):
         sl.load_model(tmp_path)
 
 
@@ -228,14 +228,14 @@ def _rewrite(folder, edit):
 def test_missing_tensor(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config())
     _rewrite(tmp_path, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-    with pytest.raises(sl.CheckpointError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+    with pytest.raises(sl.ModelFileError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
         sl.load_model(tmp_path)
 
 
 def test_unexpected_tensor(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config())
     _rewrite(tmp_path, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
-    with pytest.raises(sl.CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+    with pytest.raises(sl.ModelFileError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
         sl.load_model(tmp_path)
 
 
@@ -245,7 +245,7 @@ def test_shape_mismatch(tmp_path):
     config["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(config))
     message = r"down_proj\.weight' has shape \(64, 96\), config\.json implies \(64, 128\)"
-    with pytest.raises(sl.CheckpointError, match=message):
+    with pytest.raises(sl.ModelFileError, match=message):
         sl.load_model(tmp_path)
 
 
@@ -256,7 +256,7 @@ def test_config_reads_new_and_old_rope_keys():
     a, b = sl.Qwen3Config.from_dict(old), sl.Qwen3Config.from_dict(new)
     assert a.rope_theta == b.rope_theta == 5e5
     assert a.rope_scaling["factor"] == b.rope_scaling["factor"] == 2.0
-    with pytest.raises(sl.CheckpointError, match="rope scaling 'dynamic'"):
+    with pytest.raises(sl.ModelFileError, match="rope scaling 'dynamic'"):
         sl.Qwen3Config.from_dict(tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
 
 

@@ -16,9 +16,9 @@ from conftest import hf_model, tiny_config, write_hf_checkpoint
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.dora import DoRALinear
-from stratos_lite.gguf_export import export_gguf
-from stratos_lite.preemption import Interrupted
+from stratos_lite.export.gguf_file import export_gguf
+from stratos_lite.model.dora import DoRALinear
+from stratos_lite.train.preemption import Interrupted
 
 DEVICE = torch.device(os.environ.get("STRATOS_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():

@@ -15,12 +15,13 @@ from test_trainer import child, quick_config
 from train_child import build
 
 import stratos_lite as sl
-from stratos_lite.checkpoint import checkpoints
 from stratos_lite.config import ConfigError
-from stratos_lite.model import Segments
-from stratos_lite.packing import collate_packed, first_fit_decreasing, pack_step
-from stratos_lite.sampler import sampler_for
-from stratos_lite.trainer import Trainer, example_losses
+from stratos_lite.data.packing import collate_packed, first_fit_decreasing, pack_step
+from stratos_lite.data.sampler import sampler_for
+from stratos_lite.model.qwen3 import Segments
+from stratos_lite.train.checkpoint import checkpoints
+from stratos_lite.train.loss import example_losses
+from stratos_lite.train.trainer import Trainer
 
 
 def tiny_model(seed: int = 0) -> sl.Qwen3ForCausalLM:
@@ -55,7 +56,7 @@ def test_packed_logits_equal_unpacked_logits():
     model, items = tiny_model(), random_examples([13, 5, 21, 8])
     row = collate_packed(items)
     with torch.no_grad():
-        packed = model(row["input_ids"], position_ids=row["position_ids"], attention_mask=row["segments"])[0]
+        packed = model(row.input_ids, position_ids=row.position_ids, attention_mask=row.segments)[0]
         start = 0
         for item in items:
             alone = model(item["input_ids"][None])[0]
@@ -70,16 +71,16 @@ def test_no_attention_or_target_crosses_an_example_boundary():
     changed[1] = {**items[1], "input_ids": (items[1]["input_ids"] + 1) % 300}
     other = collate_packed(changed)
     with torch.no_grad():
-        before = model(row["input_ids"], position_ids=row["position_ids"], attention_mask=row["segments"])[0]
-        after = model(other["input_ids"], position_ids=other["position_ids"], attention_mask=other["segments"])[0]
+        before = model(row.input_ids, position_ids=row.position_ids, attention_mask=row.segments)[0]
+        after = model(other.input_ids, position_ids=other.position_ids, attention_mask=other.segments)[0]
     assert torch.equal(before[:9], after[:9]) and torch.equal(before[21:], after[21:])  # examples 0 and 2 unmoved
     assert not torch.allclose(before[9:21], after[9:21])
     # The first token of each example is never a target: the last position of the one before predicts nothing.
-    assert row["labels"][0, [0, 9, 21]].tolist() == [-100, -100, -100]
+    assert row.labels[0, [0, 9, 21]].tolist() == [-100, -100, -100]
     losses_before, losses_after = example_losses(model, row), example_losses(model, other)
     assert losses_before[0] == losses_after[0] and losses_before[2] == losses_after[2]
-    assert row["position_ids"][0].tolist() == [*range(9), *range(12), *range(7)]
-    assert row["segments"] == Segments((9, 12, 7)) and row["segments"].bounds() == [(0, 9), (9, 21), (21, 28)]
+    assert row.position_ids[0].tolist() == [*range(9), *range(12), *range(7)]
+    assert row.segments == Segments((9, 12, 7)) and row.segments.bounds() == [(0, 9), (9, 21), (21, 28)]
 
 
 @pytest.mark.parametrize(("mode", "checkpointing", "policy"), [("dora", False, "layer"), ("dora", True, "layer"),
@@ -176,7 +177,7 @@ def test_packing_metrics_count_real_tokens(demo_dir, tmp_path):
 
 
 def test_plan_knows_packing(demo_dir):
-    from stratos_lite.plan import DataShape
+    from stratos_lite.planning.report import DataShape
 
     model, dataset, _ = build(str(demo_dir), dropout=0.0)
     data = DataShape.of(dataset)

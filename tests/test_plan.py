@@ -12,8 +12,10 @@ from conftest import tiny_config
 from train_child import save_base
 
 import stratos_lite as sl
-from stratos_lite.config import attention_kernel
-from stratos_lite.plan import DataShape, _LiveBytes, _simulate_micro_batch, _Simulator, count_parameters
+from stratos_lite.planning.planner import count_parameters
+from stratos_lite.planning.report import DataShape
+from stratos_lite.planning.simulator import LiveBytes, Simulator, simulate_micro_batch
+from stratos_lite.train.device import attention_kernel
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 TINY = sl.Qwen3Config.from_dict(tiny_config())
@@ -30,25 +32,24 @@ SETTINGS = [
 ONE_STEP_SETTINGS = SETTINGS[:4] + SETTINGS[5:]
 
 
+def simulator(config: sl.TrainConfig, dtype: torch.dtype, attention: str = "sdpa") -> Simulator:
+    return Simulator(TINY, config, torch.device("cpu"), dtype, attention)
+
+
 def real_model(config: sl.TrainConfig) -> sl.Qwen3ForCausalLM:
-    dtype = sl.compute_dtype(config.dtype, torch.device("cpu")) if config.mode == "dora" else torch.float32
+    """The model a run of `config` trains on TINY's shape, with real (random) weights: the builder's, as the
+    plan's fake one is."""
     torch.manual_seed(0)
-    model = sl.Qwen3ForCausalLM(TINY).to(dtype)
-    if config.mode == "dora":
-        sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets)
-    else:
-        model.requires_grad_(True)
-    model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
-    return model.train()
+    return sl.prepare_model(config, torch.device("cpu"), weights=False, model_config=TINY)
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_simulated_micro_batch_holds_the_bytes_a_real_one_does(settings):
     config = sl.TrainConfig(rank=4, alpha=8, **settings)
     dtype = sl.compute_dtype(config.dtype, torch.device("cpu"))
-    fake = _Simulator(TINY, config, dtype, config.attention_kernel).micro_batch(3, 40, 25, with_grads=False)
+    fake = simulator(config, dtype, config.attention_kernel).micro_batch(3, 40, 25, with_grads=False)
     with attention_kernel(config.attention_kernel):  # as the Trainer runs a micro-batch
-        real = _simulate_micro_batch(real_model(config), 3, 40, 25, dtype)
+        real = simulate_micro_batch(real_model(config), 3, 40, 25, dtype)
     assert fake == real
     assert 0 < fake.saved < fake.peak and fake.logits > 0
 
@@ -77,7 +78,7 @@ def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     predicted = sl.plan(config, model_config=TINY, data=data, memory="1GB")
     model = real_model(config)
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    tracker = _LiveBytes()
+    tracker = LiveBytes()
     with tracker:
         sl.Trainer(model, synthetic_examples(8, seq, completion), config).train()
     assert abs(resident + tracker.peak - predicted.peak) <= 0.01 * predicted.peak
@@ -103,7 +104,7 @@ def test_on_a_gpu_the_largest_batch_and_row_are_judged_by_the_allocators_reserve
     live bytes: the largest batch_size (and packed row) the plan offers must fit by that figure."""
     import importlib
 
-    plan_module = importlib.import_module("stratos_lite.plan")
+    plan_module = importlib.import_module("stratos_lite.planning.planner")
     monkeypatch.setattr(plan_module, "training_kernel", lambda *args: "flash")
     monkeypatch.setattr(plan_module, "blas_workspace", lambda device: 8 * 2**20 if device.type == "cuda" else 0)
     data = DataShape(examples=64, longest=256, longest_completion=64, mean_tokens=256, source="test",
@@ -171,7 +172,7 @@ def test_activations_without_checkpointing_are_those_of_a_run_without_it():
         config = sl.TrainConfig(rank=4, alpha=8, dtype="float32", batch_size=3, grad_accum=2,
                                 gradient_checkpointing=checkpointing)
         plans[checkpointing] = sl.plan(config, model_config=TINY, data=data, memory="1GB")
-    unchecked = _Simulator(TINY, config, torch.float32, "sdpa").saved_without_checkpointing(3, 40, 30)
+    unchecked = simulator(config, torch.float32).saved_without_checkpointing(3, 40, 30)
     assert plans[False].activations_no_checkpointing == plans[False].activations == unchecked
     assert plans[True].activations < plans[True].activations_no_checkpointing
 
@@ -197,7 +198,7 @@ def test_a_gpu_whose_sdpa_trains_on_the_math_kernel_is_planned_with_it(monkeypat
     simulates it (its T x T scores counted) and says why; a fused kernel leaves the setting as it is."""
     import importlib
 
-    plan_module = importlib.import_module("stratos_lite.plan")  # the package's `plan` is the function
+    plan_module = importlib.import_module("stratos_lite.planning.planner")
 
     config = sl.TrainConfig(dtype="bfloat16")
     gpu = torch.device("cuda")
@@ -214,8 +215,8 @@ def test_math_attention_kernel_counts_its_probabilities():
     """The math kernel keeps each layer's (batch x heads x length x length) softmax for the backward; the
     plan counts it (the sdpa kernel keeps a row statistic instead)."""
     batch, seq = 3, 40
-    saved = {kernel: _Simulator(TINY, sl.TrainConfig(mode="full", dtype="float32", gradient_checkpointing=False,
-                                                     attention_kernel=kernel), torch.float32, kernel)
+    saved = {kernel: simulator(sl.TrainConfig(mode="full", dtype="float32", gradient_checkpointing=False,
+                                              attention_kernel=kernel), torch.float32, kernel)
              .micro_batch(batch, seq, 25, with_grads=False).saved for kernel in ("sdpa", "math")}
     probabilities = TINY.num_hidden_layers * batch * TINY.num_attention_heads * seq * seq * 4
     assert saved["math"] - saved["sdpa"] >= probabilities
@@ -223,7 +224,7 @@ def test_math_attention_kernel_counts_its_probabilities():
 
 def test_caching_allocator_model_reserves_segments_as_pytorchs_does():
     """The rules of c10/cuda/CUDACachingAllocator.cpp, one by one (allocator_model.py)."""
-    from stratos_lite.allocator_model import CachingAllocator
+    from stratos_lite.planning.allocator import CachingAllocator
 
     mib = 2**20
     allocator = CachingAllocator()
@@ -248,11 +249,11 @@ def test_caching_allocator_model_reserves_segments_as_pytorchs_does():
 
 
 def test_blas_workspace_reads_pytorchs_setting():
-    from stratos_lite.allocator_model import _workspace_config, blas_workspace
+    from stratos_lite.planning.allocator import blas_workspace, workspace_config
 
-    assert _workspace_config(":4096:8", 0) == 32 * 2**20
-    assert _workspace_config(":4096:2:16:8", 0) == 8 * 2**20 + 128 * 2**10
-    assert _workspace_config(None, 7) == 7 and _workspace_config("nonsense", 7) == 7
+    assert workspace_config(":4096:8", 0) == 32 * 2**20
+    assert workspace_config(":4096:2:16:8", 0) == 8 * 2**20 + 128 * 2**10
+    assert workspace_config(None, 7) == 7 and workspace_config("nonsense", 7) == 7
     assert blas_workspace(torch.device("cpu")) == 0
 
 

@@ -10,7 +10,8 @@ from conftest import tiny_config, write_hf_checkpoint
 from isolation import call_in_child
 
 import stratos_lite as sl
-from stratos_lite.data import IGNORE_INDEX, scoring_messages
+from stratos_lite.data.batch import IGNORE_INDEX
+from stratos_lite.data.task import scoring_messages
 
 transformers = pytest.importorskip("transformers")
 

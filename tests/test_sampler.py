@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from stratos_lite.data import DEFAULT_BANDS
-from stratos_lite.sampler import BandSampler, example_probabilities, total_variation, verify_sampler
+from stratos_lite.data.sampler import BandSampler, example_probabilities, total_variation, verify_sampler
+from stratos_lite.data.task import DEFAULT_BANDS
 
 TARGET = [b.target_share for b in DEFAULT_BANDS]
 NAMES = [b.name for b in DEFAULT_BANDS]
@@ -49,8 +49,8 @@ def test_resume_mid_epoch_continues_the_identical_stream():
 def test_two_ranks_draw_disjoint_halves_of_the_one_rank_stream():
     bands = [0] * 40 + [2] * 20
     single = BandSampler(bands, TARGET, seed=2).take(60)
-    rank0 = BandSampler(bands, TARGET, seed=2, rank=0, world_size=2).take(30)
-    rank1 = BandSampler(bands, TARGET, seed=2, rank=1, world_size=2).take(30)
+    rank0 = BandSampler(bands, TARGET, seed=2, process_rank=0, world_size=2).take(30)
+    rank1 = BandSampler(bands, TARGET, seed=2, process_rank=1, world_size=2).take(30)
     assert rank0 == single[0::2] and rank1 == single[1::2]
 
 

@@ -18,12 +18,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_child import build, save_base
 
 import stratos_lite as sl
-from stratos_lite import checkpoint as checkpoint_module
-from stratos_lite.checkpoint import checkpoints
 from stratos_lite.config import ConfigError, TrainConfig
-from stratos_lite.data import collate
-from stratos_lite.guard import NonFiniteError
-from stratos_lite.trainer import Trainer, cosine_with_warmup
+from stratos_lite.data.batch import collate
+from stratos_lite.train import checkpoint as checkpoint_module
+from stratos_lite.train.checkpoint import checkpoints
+from stratos_lite.train.guard import NonFiniteError
+from stratos_lite.train.schedule import cosine_with_warmup
+from stratos_lite.train.trainer import Trainer
 
 HERE = Path(__file__).parent
 
@@ -62,7 +63,7 @@ def test_accumulation_is_exact(demo_dir):
         trainer = Trainer(model, dataset, quick_config("/tmp/unused", batch_size=batch, grad_accum=accum,
                                                        max_grad_norm=1e9), pad_id=tok.pad_id)
         micro = [collate(items[i:i + batch], tok.pad_id) for i in range(0, 8, batch)]
-        trainer._step(micro, GradientRecorder())
+        trainer.step(micro, GradientRecorder())
         grads[(batch, accum)] = [p.grad.clone() for p in trainer.params]
     for other in [(2, 4), (1, 8)]:
         for a, b in zip(grads[(8, 1)], grads[other], strict=True):
@@ -136,7 +137,7 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_p
     Trainer(model, dataset, quick_config(tmp_path / "straight"), pad_id=tok.pad_id).train()
 
     calls = {"n": 0}
-    real = checkpoint_module._describe_files
+    real = checkpoint_module.describe_files
 
     def dies_on_second_save(folder):
         calls["n"] += 1
@@ -144,12 +145,12 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_p
             raise KeyboardInterrupt("killed while writing the checkpoint")
         return real(folder)
 
-    monkeypatch.setattr(checkpoint_module, "_describe_files", dies_on_second_save)
+    monkeypatch.setattr(checkpoint_module, "describe_files", dies_on_second_save)
     model, dataset, tok = build(str(demo_dir), dropout=0.1)
     with pytest.raises(KeyboardInterrupt):
         Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-000003"]
-    monkeypatch.setattr(checkpoint_module, "_describe_files", real)
+    monkeypatch.setattr(checkpoint_module, "describe_files", real)
     model, dataset, tok = build(str(demo_dir), dropout=0.1)
     Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
     straight, resumed = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "run")
@@ -276,7 +277,7 @@ def test_auto_dtype_trains_as_the_dtype_it_resolves_to(demo_dir, tmp_path):
 
 def test_heap_release_changes_nothing_but_where_memory_is_returned(demo_dir, tmp_path, monkeypatch):
     """heap_release hands freed pages back at the points it names (counted here) and trains exactly as "off"."""
-    from stratos_lite import heap
+    from stratos_lite.train import heap
 
     calls = []
     monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
@@ -329,7 +330,7 @@ def test_math_attention_kernel_trains_as_sdpa_and_never_calls_flash(demo_dir, tm
 
 
 def test_released_every_counts_calls_across_layers(monkeypatch):
-    from stratos_lite import heap
+    from stratos_lite.train import heap
 
     calls = []
     monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))

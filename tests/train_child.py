@@ -11,10 +11,10 @@ import time
 import torch
 
 import stratos_lite as sl
-from stratos_lite.cli import run
+from stratos_lite.commands.errors import run
 from stratos_lite.config import TrainConfig
-from stratos_lite.distributed import exit_distributed
-from stratos_lite.trainer import Trainer
+from stratos_lite.train.strategy import exit_distributed
+from stratos_lite.train.trainer import Trainer
 
 
 class SlowDataset(torch.utils.data.Dataset):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..cli import run
 from . import demo_data, evaluate, export, merge, score, train
+from .errors import run
 
 # name -> (module, function): each module says what its command does (SUMMARY), what it takes
 # (add_arguments) and does it (main).

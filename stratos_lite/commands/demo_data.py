@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..demo import make_demo_data
+from ..demo.data import make_demo_data
 from ._command import Command
 
 USAGE = """Write the demo's synthetic train/eval JSONL and its tokenizer.

@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from ..evaluate import evaluate
-from ..weights import load_pretrained_with_adapter
+from ..evaluation.evaluate import evaluate
+from ..model.folders import load_pretrained_with_adapter
 from ._command import Command
 
 USAGE = """Evaluate a model by generation on an eval JSONL: predictions.jsonl, metrics.json, eval_report.md.

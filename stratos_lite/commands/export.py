@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import SYSTEM_PROMPT
-from ..evaluate import evaluate
-from ..gguf_export import QUANTS, export_gguf_from_folder, write_modelfile
-from ..quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
+from ..data.task import SYSTEM_PROMPT
+from ..evaluation.evaluate import evaluate
+from ..export.gguf_file import QUANTS, export_gguf_from_folder
+from ..export.modelfile import write_modelfile
+from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
 from ._command import Command
 from .evaluate import add_model_arguments, load_model_of
 

@@ -6,8 +6,9 @@ import argparse
 
 import torch
 
-from ..dora import load_adapter, merge_dora
-from ..weights import load_pretrained, save_pretrained
+from ..model.dora import merge_dora
+from ..model.folders import load_pretrained, save_pretrained
+from ..model.peft_files import load_adapter
 from ._command import Command
 
 USAGE = """Merge a DoRA adapter into its base model and write an HF folder.

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..data import scoring_messages
-from ..evaluate import parse_completion
-from ..generate import generate
+from ..data.task import parse_completion, scoring_messages
+from ..model.generate import generate
 from ._command import Command
 from .evaluate import add_model_arguments, load_model_of
 

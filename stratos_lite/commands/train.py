@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 from ..config import TrainConfig, settings_help
-from ..data import read_training_data
-from ..demo_config import DEMO_TOML, DemoConfig
-from ..demo_run import run_demo
-from ..distributed import exit_distributed
-from ..plan import DataShape, check_fits, plan
-from ..run import probe, train_from_config
+from ..data.dataset import RunData
+from ..demo.config import DEMO_TOML, DemoConfig
+from ..demo.run import run_demo
+from ..planning.planner import check_fits, plan
+from ..planning.probe import probe
+from ..planning.report import DataShape
+from ..train.run import train_from_config
+from ..train.strategy import exit_distributed
 from ._command import Command
 
 TRAIN_USAGE = """Train a DoRA adapter (or the whole model) on scored JSONL data, or run the embedded demo.
@@ -67,10 +69,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _demo_arguments(parser)
 
 
-def _plan_of(args: argparse.Namespace, config: TrainConfig, train):
-    data = DataShape.of(train) if train is not None else None
+def _plan_of(args: argparse.Namespace, config: TrainConfig, data: RunData | None):
     world_size = args.ranks or int(os.environ.get("WORLD_SIZE", "1"))
-    return plan(config, memory=args.memory, world_size=world_size, data=data)
+    return plan(config, memory=args.memory, world_size=world_size,
+                data=DataShape.of(data.train) if data is not None else None)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -79,19 +81,19 @@ def _train(args: argparse.Namespace) -> None:
         return
     config = TrainConfig.from_toml(args.config, args.set)
     # Read once: the plan takes its lengths, training the examples. A plan alone may go without (worst case).
-    train = None if args.plan and not Path(config.train_data).is_file() else read_training_data(config)
+    data = None if args.plan and not Path(config.train_data).is_file() else RunData.read(config, not args.plan)
     if args.plan:
-        _print_plan(args, config, train)
+        _print_plan(args, config, data)
         return
     if not args.no_plan_check:
-        check_fits(_plan_of(args, config, train))
-    result = train_from_config(config, train=train)
+        check_fits(_plan_of(args, config, data))
+    result = train_from_config(config, data)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; outputs in {result.out_dir}")
     exit_distributed()
 
 
-def _print_plan(args: argparse.Namespace, config: TrainConfig, train) -> None:
-    the_plan = _plan_of(args, config, train)
+def _print_plan(args: argparse.Namespace, config: TrainConfig, data: RunData | None) -> None:
+    the_plan = _plan_of(args, config, data)
     if args.probe:
         probe(config, args.probe, the_plan)
     print(the_plan)
@@ -99,7 +101,7 @@ def _print_plan(args: argparse.Namespace, config: TrainConfig, train) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     config = TrainConfig.from_toml(args.config, args.set)
-    _print_plan(args, config, read_training_data(config) if Path(config.train_data).is_file() else None)
+    _print_plan(args, config, RunData.read(config, evaluation=False) if Path(config.train_data).is_file() else None)
 
 
 def _demo(args: argparse.Namespace) -> None:

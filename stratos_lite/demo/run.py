@@ -1,0 +1,194 @@
+"""The whole pipeline on the embedded demo, the report's phases scaled down to a CPU and a few minutes:
+
+data -> the profile-blind base (the report's V1: a small Qwen3 fully fine-tuned on profile-blind labels,
+shipped in stratos_lite/demo/shipped_base/, or trained here with vendored_base = false; base.py) -> DoRA
+phase (the report's recipe: band sampling, loss weights, accumulation, cosine, clipping, checkpoints) ->
+q8_0 and q4_k_m GGUFs (exported from the unmerged model) -> evaluation with the adapters off and on, and
+of each GGUF in llama.cpp when it is installed, with the smallest file that scores as the model does
+chosen for the Modelfile -> merged HF folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import ScoredDataset
+from ..data.task import SYSTEM_PROMPT
+from ..evaluation.evaluate import evaluate
+from ..export.gguf_file import export_gguf
+from ..export.modelfile import write_modelfile
+from ..export.quant_choice import SPEARMAN_TOLERANCE, smallest_within
+from ..model.dora import adapters_disabled, merge_dora, summarize
+from ..model.folders import save_pretrained
+from ..model.tokenizer import Tokenizer
+from ..storage.atomic import write_text
+from ..train.builder import prepare_model
+from ..train.trainer import Trainer
+from .base import VENDORED_BASE, load_vendored_base, train_base
+from .config import DemoConfig, phase_config
+from .data import make_demo_data
+
+
+def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
+    """Run every phase; returns the timings, metrics and output paths (also written to summary.json)."""
+    config = config or DemoConfig()
+    out = Path(config.out_dir)
+    if out.exists() and not reuse:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        print(f"== {name} done in {timings[name]:.1f} s", flush=True)
+
+    # The shipped base (its settings checked before any work) and its tokenizer, which every seed's data shares.
+    model, shipped_tokenizer = load_vendored_base(config) if config.vendored_base else (None, None)
+    paths = make_demo_data(out / "data", seed=config.seed, tokenizer=shipped_tokenizer, **config.data)
+    tokenizer = Tokenizer.from_pretrained(paths["tokenizer"])
+    dora_cfg = phase_config(config, "dora", model=str(out / "base_model"))  # the base folder written below
+    train_data = ScoredDataset.from_jsonl(paths["train"], tokenizer, max_len=dora_cfg.max_len)
+    train_data.report.write(out)
+    lap("data")
+
+    if model is None:
+        model, _ = train_base(config, paths, tokenizer)
+    else:
+        print(f"base: the profile-blind base shipped in {VENDORED_BASE} (the report's V1, made once by "
+              "tools/make_demo_base.py; vendored_base = false trains it here)")
+    save_pretrained(model, tokenizer, out / "base_model", dtype=torch.float32)
+    lap("base phase")
+
+    # The DoRA phase trains on the base folder just written, prepared as any run's model is (train/builder.py):
+    # the frozen base in the compute dtype (bf16 where native: the report's setup), adapters in fp32; on the CPU,
+    # where the demo's recipe was measured.
+    model = prepare_model(dora_cfg, torch.device("cpu"))
+    print(summarize(model))
+    result = Trainer(model, train_data, dora_cfg, pad_id=tokenizer.pad_id).train()
+    lap("DoRA phase")
+
+    model.eval()
+    # Exported from the unmerged model (DoRA is merged block by block on the way out), so that the
+    # evaluation can still switch the adapters off, and can score the shipped files beside the model.
+    ggufs = [export_gguf(model, tokenizer, out / f"scorer-{quant}.gguf", quant=quant, name="stratos-demo-scorer",
+                         modelfile=False) for quant in config.export["quants"]]
+    write_modelfile(ggufs[0], SYSTEM_PROMPT)  # the served-prompt checks read it; it follows the choice below
+    lap("GGUF export")
+
+    settings = dict(batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
+    with adapters_disabled(model):
+        before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
+                          spread_articles=config.eval["spread_articles"], **settings)
+    shipped = ggufs if importlib.util.find_spec("llama_cpp") else []  # llama.cpp is an optional extra
+    after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
+                     spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
+                     gguf=shipped, **settings)
+    choice = smallest_within(after)
+    gguf_path = choice.path if choice else ggufs[0]
+    write_modelfile(gguf_path, SYSTEM_PROMPT)
+    lap("evaluation")
+
+    merge_dora(model)
+    save_pretrained(model, tokenizer, out / "merged")
+    lap("merge")
+
+    summary = {"timings_s": timings, "total_s": sum(timings.values()), "train_steps": result.steps,
+               "final_loss": result.final_loss, "mean_training_score": _mean_score(train_data),
+               "before": _headline(before), "after": _headline(after),
+               "gguf": {name: _headline(row) for name, row in after.get("engines", {}).items()},
+               "paths": {"data": str(out / "data"), "base_model": str(out / "base_model"),
+                         "dora_run": str(out / "dora"), "adapter": str(out / "dora" / "adapter"),
+                         "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
+                         "gguf": str(gguf_path), "modelfile": str(gguf_path.with_name("Modelfile"))},
+               "chosen_gguf": choice.name if choice else None}
+    summary["constant_mae"] = _constant_mae(paths["eval"], summary["mean_training_score"])
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    return summary
+
+
+def _headline(result: dict) -> dict:
+    keys = ("direction_accuracy", "mae", "spearman", "psr", "think_empty_rate", "parse_failures", "examples",
+            "examples_per_s")
+    spreads = result.get("spread_check", [])
+    headline = {k: result[k] for k in keys}
+    if "file" in result:
+        headline["size_mb"] = Path(result["file"]).stat().st_size / 1e6
+    if "agreement" in result:
+        headline["agreement_within_0_5"] = result["agreement"]["within_0_5"]
+        headline["prompt_checks_failed"] = sum(not c["ok"] for c in result["prompt_checks"])
+    if spreads:
+        headline["truth_spread"] = sum(r["truth_spread"] for r in spreads) / len(spreads)
+        headline["predicted_spread"] = sum(r["model_spread"] for r in spreads) / len(spreads)
+        if "adapters_off_spread" in spreads[0]:
+            headline["adapters_off_spread"] = sum(r["adapters_off_spread"] for r in spreads) / len(spreads)
+    return headline
+
+
+def _mean_score(dataset: ScoredDataset) -> float:
+    return sum(e.score for e in dataset.examples) / len(dataset.examples)
+
+
+def _constant_mae(eval_path: Path, constant: float) -> float:
+    """The MAE of always answering the training mean: the bar a model that learned nothing clears."""
+    scores = [json.loads(line)["score"] for line in eval_path.read_text().splitlines() if line.strip()]
+    return sum(abs(s - constant) for s in scores) / len(scores)
+
+
+def format_summary(summary: dict) -> str:
+    def cell(value, percent=False):
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}%" if percent else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    after = summary["after"]
+    columns = {"adapters off": summary["before"], "adapters on": after, **summary.get("gguf", {})}
+    rows = [("direction accuracy", "direction_accuracy", True), ("MAE", "mae", False),
+            ("Spearman rho", "spearman", False), ("PSR", "psr", True), ("think empty", "think_empty_rate", True),
+            ("parse failures", "parse_failures", False), ("examples/s", "examples_per_s", False),
+            ("file MB", "size_mb", False),
+            ("agrees with torch", "agreement_within_0_5", True),
+            ("served prompt errors", "prompt_checks_failed", False)]
+    width = 22 + 20 * len(columns)
+    lines = ["", f"{'metric':<22}" + "".join(f"{name:>20}" for name in columns), "-" * width]
+    lines += [f"{name:<22}" + "".join(f"{cell(c.get(key), pct):>20}" for c in columns.values())
+              for name, key, pct in rows]
+    if "truth_spread" in after:
+        lines.append(f"{'spread (truth ' + format(after['truth_spread'], '.2f') + ')':<22}"
+                     f"{cell(after.get('adapters_off_spread')):>20}{cell(after['predicted_spread']):>20}")
+    if summary.get("gguf"):
+        chosen = summary.get("chosen_gguf")
+        lines.append(f"smallest GGUF within {SPEARMAN_TOLERANCE} Spearman of the torch model, no new parse failures: "
+                     f"{chosen or 'none'} (the Modelfile's)")
+    lines += ["-" * width, f"MAE of always answering the training mean ({summary['mean_training_score']:.2f}): "
+              f"{summary['constant_mae']:.3f}",
+              "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
+              + f"; total {summary['total_s']:.0f} s", "", "outputs:"]
+    lines += [f"  {name:<12}{path}" for name, path in summary["paths"].items()]
+    return "\n".join([*lines, "", *next_steps(summary["paths"])])
+
+
+def next_steps(paths: dict[str, str]) -> list[str]:
+    """What a person would do next with what the demo made: score a text, read the report, serve the GGUF."""
+    gguf = Path(paths["gguf"])
+    held_out = json.loads((Path(paths["data"]) / "eval.jsonl").read_text().splitlines()[0])  # one it never saw
+    quoted = {key: shlex.quote(held_out[key]) for key in ("profile", "title", "article")}
+    return [
+        f"made: a DoRA adapter on a small Qwen3, a merged model folder, and GGUF files with an Ollama Modelfile "
+        f"({gguf.name}).",
+        "next:",
+        f"  stratos-lite score --model {paths['merged']} --dtype float32 --profile {quoted['profile']} "
+        f"--title {quoted['title']} --article {quoted['article']}",
+        f"  less {paths['eval_report']}",
+        f"  cd {gguf.parent} && ollama create stratos-demo -f Modelfile && ollama run stratos-demo",
+    ]

@@ -1,0 +1,228 @@
+"""A training micro-batch simulated on fake tensors, its bytes counted as the real step allocates and frees them.
+
+The model is the one the run trains (train/builder.py's prepare_model, built from config.json alone) under
+FakeTensorMode: tensors with shapes and dtypes but no storage. One micro-batch runs forward and backward
+through the same modules, checkpointing and autocast as a real step, while a dispatch mode (LiveBytes) adds
+up the bytes of every tensor the step creates and takes them off again when they are freed. So the
+activation figures come from the code that will run, not from a formula that could drift from it.
+
+The completion positions the loss reads are indices found on the CPU with the batch (data/batch.py), so the
+simulation selects them as a real step does, by index_select, only with positions standing in for them.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..config import TrainConfig
+from ..model.dora import dora_layers
+from ..model.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from ..train.builder import prepare_model
+from ..train.device import attention_kernel
+from .allocator import CachingAllocator
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes held by tensors created under this mode: added when an op allocates a new storage, taken off
+    when Python frees it (storages keep their Python object, so a weak reference sees the free). Views
+    allocate nothing and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.events: list[tuple[int, int]] = []  # (storage number, bytes) when allocated, (number, 0) when freed
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def mark(self) -> int:
+        """Start a new peak measurement from here; returns the bytes held now."""
+        self.peak = self.now
+        return self.now
+
+    def _free(self, number: int, size: int) -> None:
+        self.now -= size
+        self.events.append((number, 0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        for spec, tensor in zip(func._schema.returns, outputs, strict=False):
+            if isinstance(tensor, torch.Tensor) and spec.alias_info is None:
+                storage = tensor.untyped_storage()
+                if storage not in self._seen:
+                    size = self._seen[storage] = storage.nbytes()
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                    self.events.append((len(self.events), size))
+                    weakref.finalize(storage, self._free, self.events[-1][0], size)
+        return out
+
+
+@dataclass
+class Activity:
+    """What one simulated micro-batch holds: bytes saved for backward when the forward is done, bytes of
+    the vocabulary projection at the loss, and the step's peak (all on top of the persistent state)."""
+    saved: int
+    logits: int
+    peak: int
+    events: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)  # LiveBytes.events
+
+
+def autocast_for(dtype: torch.dtype):
+    """What the Trainer runs the forward under: bf16 autocast, or nothing for fp32."""
+    return torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+
+
+def simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
+                         dtype: torch.dtype) -> Activity:
+    """Forward and backward of one micro-batch under the live-bytes tracker (inside the FakeTensorMode)."""
+    tracker = LiveBytes()
+    with tracker:
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        targets = torch.zeros(completions, dtype=torch.long)
+        with autocast_for(dtype):
+            hidden = model.hidden_states(ids)
+            saved = tracker.now
+            selected = hidden.flatten(0, 1).index_select(0, torch.arange(completions))  # as forward(logits_at=)
+            logits = model.lm_head(selected)
+            loss = F.cross_entropy(logits.float(), targets, reduction="none").sum()
+            at_loss = tracker.now
+        del hidden, selected, logits
+        loss.backward()
+        del loss
+    return Activity(saved, at_loss - saved, tracker.peak, tracker.events)
+
+
+def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
+                     dtype: torch.dtype) -> tuple[int, int]:
+    """(the largest layer's recompute, the vocabulary projection): forward + backward of one decoder layer
+    (or only its MLP, under the "mlp" policy) and of the vocabulary projection, each alone."""
+    config, layer = model.config, model.model.layers[-1]
+    activation_dtype = dtype if dtype == torch.bfloat16 else model.model.embed_tokens.weight.dtype
+
+    def peak_of(run) -> int:
+        tracker = LiveBytes()
+        with tracker:
+            start = tracker.mark()
+            with autocast_for(dtype):
+                out = run()
+            out.float().sum().backward()
+        return tracker.peak - start
+
+    h = torch.zeros(batch, seq, config.hidden_size, dtype=activation_dtype, requires_grad=True)
+    cos, sin = model.rope(torch.arange(seq).expand(batch, seq), activation_dtype)
+    previous, layer.checkpointing = layer.checkpointing, None
+    try:
+        if previous == "mlp":
+            recompute = peak_of(lambda: layer.feed_forward(h))
+        else:
+            recompute = peak_of(lambda: layer(h, cos, sin, None))
+    finally:
+        layer.checkpointing = previous
+    selected = torch.zeros(completions, config.hidden_size, dtype=activation_dtype, requires_grad=True)
+    vocabulary = peak_of(lambda: F.cross_entropy(model.lm_head(selected).float(),
+                                                 torch.zeros(completions, dtype=torch.long), reduction="none"))
+    return recompute, vocabulary
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    base: int  # the model's own parameters (DoRA's are not among them)
+    trainable: int
+    weight_bytes: int  # what is not trained: the frozen base (none in full fine-tuning)
+    trainable_bytes: int
+    layer_bytes: int  # one decoder layer's parameters (FSDP gathers a layer or two at a time)
+    root_bytes: int  # what is not in a decoder layer: embeddings, final norm, lm_head
+
+    @property
+    def gradients(self) -> int:
+        """fp32 gradients of what trains (AdamW keeps two moments of the same size)."""
+        return 4 * self.trainable
+
+
+def parameter_counts(model: Qwen3ForCausalLM, mode: str) -> ParameterCounts:
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    base = sum(p.numel() for p in params) if mode == "full" else sum(p.numel() for p in frozen)
+    layer = _bytes(model.model.layers[0].parameters())
+    return ParameterCounts(base, sum(p.numel() for p in trainable), _bytes(frozen), _bytes(trainable), layer,
+                           _bytes(params) - layer * len(model.model.layers))
+
+
+class Simulator:
+    """Simulated micro-batches of one model and config at any batch size (the fake model is built once, by
+    the builder the run uses)."""
+
+    def __init__(self, model_config: Qwen3Config, config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 attention: str):
+        self.mode = FakeTensorMode()
+        self.dtype = dtype
+        self.attention_kernel = attention  # the math kernel's probabilities count as activations
+        with self.faking():
+            self.model = prepare_model(config, device, weights=False, model_config=model_config)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.counts = parameter_counts(self.model, config.mode)
+
+    @contextmanager
+    def faking(self):
+        with self.mode, attention_kernel(self.attention_kernel), warnings.catch_warnings():
+            # DoRA's norm cache keys on data pointers; fake tensors have none (and warn), which is harmless here.
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            yield
+
+    def micro_batch(self, batch: int, seq: int, completions: int, with_grads: bool) -> Activity:
+        """With `with_grads`, gradients exist before the backward (accumulation's later micro-batches), so
+        the backward adds into them instead of allocating them."""
+        with self.faking():
+            for _, layer in dora_layers(self.model):  # as after an optimizer step: ||W + sBA|| recomputed
+                layer.forget_adapter_terms()
+            for p in self.trainable:
+                p.grad = torch.zeros_like(p) if with_grads else None
+            try:
+                return simulate_micro_batch(self.model, batch, seq, completions, self.dtype)
+            finally:
+                for p in self.trainable:
+                    p.grad = None
+
+    def saved_without_checkpointing(self, batch: int, seq: int, completions: int) -> int:
+        """Bytes a micro-batch saves for backward with gradient checkpointing off."""
+        policies = [layer.checkpointing for layer in self.model.model.layers]
+        self.model.set_gradient_checkpointing(False)
+        try:
+            return self.micro_batch(batch, seq, completions, with_grads=False).saved
+        finally:
+            for layer, policy in zip(self.model.model.layers, policies, strict=True):
+                layer.checkpointing = policy
+
+    def temporary_peaks(self, batch: int, seq: int, completions: int) -> tuple[int, int]:
+        with self.faking():
+            return _temporary_peaks(self.model, batch, seq, completions, self.dtype)
+
+    def reserved_peak(self, events: list[tuple[int, int]], accumulating: bool) -> int:
+        """The most PyTorch's caching allocator would reserve (allocator.py) for the persistent tensors,
+        allocated one by one (the weights; AdamW's two fp32 moments per trainable tensor, and its gradient
+        when accumulation keeps it between micro-batches), then a micro-batch's allocations and frees."""
+        allocator = CachingAllocator()
+        for p in self.model.parameters():
+            allocator.allocate(p.numel() * p.element_size())
+            for _ in range((2 + accumulating) * p.requires_grad):
+                allocator.allocate(p.numel() * 4)
+        blocks = {}
+        for number, size in events:
+            if size:
+                blocks[number] = allocator.allocate(size)
+            else:
+                allocator.free(blocks.pop(number))
+        return allocator.peak_reserved
