@@ -7,7 +7,7 @@ gradient checkpointing (layer), global batch 2 x accumulation 2: one process wit
 (torchrun, gloo, one thread each) with batch 1. Each process reports its peak RSS growth over the RSS
 before the model was loaded (CPU) or max_memory_allocated (GPU), the bytes of parameters it holds (its
 shards under FSDP), and the median step time after the first. The model is a random bf16 HF folder
-loaded as tools/train.py loads it (FSDP: distributed.load_sharded, each rank reading only its rows).
+loaded as tools/train.py loads it (prepare_model; under FSDP each rank reading only its rows).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from step_speed import SHAPES, examples
 
 import stratos_lite as sl
+from stratos_lite.model.shards import local
 from stratos_lite.planning.report import DataShape
 from stratos_lite.train.device import default_device
-from stratos_lite.train.fsdp import load_sharded, local
 from stratos_lite.train.strategy import exit_distributed
 
 STRATEGIES = ("one process", "ddp", "fsdp")
@@ -47,17 +47,13 @@ def worker(folder: str, out_dir: str, strategy: str, seq: int, steps: int) -> No
                             max_len=seq, dtype="bfloat16", band_sampling=False, verify_batches=0,
                             save_every=10**9, progress=False, strategy="fsdp" if strategy == "fsdp" else "ddp")
     before = rss()
-    if strategy == "fsdp":  # what tools/train.py does: no rank ever holds the whole model
-        model = load_sharded(folder, config, torch.bfloat16, device)
-    else:
-        model = sl.load_model(folder, dtype=torch.bfloat16, device=device)
-        sl.apply_dora(model, config.rank, config.alpha, config.dropout, config.targets)
+    model = sl.prepare_model(config, device)  # what tools/train.py does: under FSDP no rank holds the whole model
     parameters = sum(local(p).numel() * p.element_size() for p in model.parameters())
     trainer = sl.Trainer(model, examples(SHAPES["qwen3-0.6b"]["vocab_size"], seq, 16), config)
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-    rank = trainer.strategy.rank
+    rank = trainer.strategy.process_rank
     report = {"rank": rank, "peak": peak, "parameters": parameters}
     if rank == 0:
         lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()

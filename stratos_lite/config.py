@@ -58,14 +58,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
     # "sdpa": PyTorch picks the attention kernel (flash where it can). "math": matmul, softmax, matmul, which
-    # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them) but
-    # was the faster one on a 2-core AVX-512 CPU in bf16 below ~190 tokens: 0.7-0.8x the time at 160, 1.0-1.3x
-    # at 192, 3.6x at 1024 (benchmarks/attention_speed.py, two runs). Measure before choosing it.
+    # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them); on a
+    # CPU it can beat the flash kernel at short sequences and loses to it at long ones. Measure before choosing.
     attention_kernel: str = "sdpa"
-    # torch.compile each decoder layer (compiling.py): the first steps pay the compilation, the rest may run
-    # faster or slower depending on the device (`benchmarks/step_speed.py --compile` measures both; on a 2-core
-    # CPU it was slower with whole-layer checkpointing and 0.91-1.21x with "mlp"). Runs with the strategy
-    # "ddp" (one process or several) and heap_release "off" or "steps".
+    # torch.compile each decoder layer (model/compiling.py): the first steps pay the compilation, the rest may
+    # run faster or slower depending on the device: measure it there. Runs with the strategy "ddp" (one process
+    # or several) and heap_release "off" or "steps".
     compile: bool = False
     seed: int = 0
     # Bitwise reruns: a CPU run is deterministic as it is. On a GPU, true turns on PyTorch's deterministic
@@ -79,7 +77,7 @@ class TrainConfig:
     # CPU memory (stratos_lite/heap.py): hand freed heap pages back to the OS so that peak RSS follows the
     # tensors alive (the plan's figure) instead of drifting above it. "steps": at each micro-batch's forward
     # and backward and after the optimizer step; "layers": also every `heap_release_every` decoder layers.
-    # Pays where steps are long (Qwen3-0.6B: "layers" up to 25 % slower); short steps pay 1.4x.
+    # Each release costs faulting the pages in again: worth it where steps are long, costly where they are short.
     heap_release: str = "off"
     heap_release_every: int = 4
     # Checkpoints, logging, the guard.

@@ -123,7 +123,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(demo_dir, tmp_path):
 
 def test_train_tool_loads_each_rank_its_shards_and_matches_one_process(demo_dir, tmp_path):
     """tools/train.py under torchrun with strategy fsdp builds the model on the meta device, shards it, then
-    reads the weights row block by row block (distributed.load_sharded): the same run as one process."""
+    reads the weights row block by row block (the builder's prepare_model): the same run as one process."""
     save_base(str(demo_dir), tmp_path / "base")
     config = tmp_path / "run.toml"
     config.write_text(f'model = "{tmp_path / "base"}"\ntrain_data = "{demo_dir / "train.jsonl"}"\nrank = 4\n'

@@ -15,6 +15,7 @@ import stratos_lite as sl
 from stratos_lite.planning.planner import count_parameters
 from stratos_lite.planning.report import DataShape
 from stratos_lite.planning.simulator import LiveBytes, Simulator, simulate_micro_batch
+from stratos_lite.train.builder import apply_training_settings
 from stratos_lite.train.device import attention_kernel
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
@@ -40,7 +41,9 @@ def real_model(config: sl.TrainConfig) -> sl.Qwen3ForCausalLM:
     """The model a run of `config` trains on TINY's shape, with real (random) weights: the builder's, as the
     plan's fake one is."""
     torch.manual_seed(0)
-    return sl.prepare_model(config, torch.device("cpu"), weights=False, model_config=TINY)
+    model = sl.prepare_model(config, torch.device("cpu"), weights=False, model_config=TINY)
+    apply_training_settings(model, config)
+    return model
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))

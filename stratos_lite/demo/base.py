@@ -2,9 +2,8 @@
 
 Before the DoRA phase can teach the demo's scorer to use a reader's profile, a base trained from scratch
 must learn to read one: which country a code names, whether a field is the article's sector. On a 2-core
-CPU that took most of the demo's minutes and, at that budget, came out well for some seeds and not others
-(seeds 0-7 gave held-out Spearman 0.35 to 0.96 with the adapters on; benchmarks/RESULTS.md, "The demo
-across seeds"). So the base is made once, by `python tools/make_demo_base.py`: demo.toml's base phase on
+CPU that took most of the demo's minutes and, at that budget, came out well for some seeds and not others.
+So the base is made once, by `python tools/make_demo_base.py`: demo.toml's base phase on
 its seed's data, in float32 so that any CPU repeats it. The folder it writes, stratos_lite/demo/shipped_base/,
 holds the weights (bf16), the tokenizer and made_by.json: the settings, the losses of the warmup steps
 (tests/test_demo_base.py trains the first of them again and compares) and how well the base reads held-out

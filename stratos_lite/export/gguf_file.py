@@ -83,7 +83,7 @@ def quantize_q8_0(weight: torch.Tensor | RowBlocks) -> np.ndarray:
     gguf-py (floor(|v|) + floor(2 frac|v|), signed), so the bytes are identical.
 
     Works through blocks of rows of about 2 MB in fp32, which stay in cache here (much smaller blocks pay
-    per-op overhead, much larger ones spill and run 4x slower), in place where possible. A NaN or Inf
+    per-op overhead, much larger ones spill out of it and run slower), in place where possible. A NaN or Inf
     raises ExportError (it shows in the block maxima, 1/32 of the data to check)."""
     source = weight if isinstance(weight, RowBlocks) else RowBlocks.of_tensor(weight)
     rows, cols = source.shape

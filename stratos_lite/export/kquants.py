@@ -22,7 +22,7 @@ import torch
 SUPER_BLOCK = 256  # values per super-block (QK_K)
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 TINY = 1e-15  # GROUP_MAX_EPS: a sub-block whose largest magnitude is below this is all zeros
-CHUNK_VALUES = 1 << 19  # values quantized at a time: 256 K-1 M measured fastest here (benchmarks/RESULTS.md)
+CHUNK_VALUES = 1 << 19  # values quantized at a time: a chunk's working buffers stay in cache
 _F32 = torch.float32
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .shards import copy_whole_into, local
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
@@ -61,19 +63,16 @@ def initial_lora_A(rank: int, in_features: int, dtype: torch.dtype = torch.float
     return nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
 
 
-def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
-    param.copy_(value)
-
-
 @torch.no_grad()
-def initialise_adapter(layer: DoRALinear, generator: torch.Generator | None,
-                       copy_whole=_copy, local=lambda tensor: tensor) -> None:
+def initialise_adapter(layer: DoRALinear, generator: torch.Generator | None) -> None:
     """DoRA's starting point, as PEFT's: A Kaiming-uniform from `generator`, B zero (so the layer starts as
-    its base), and the magnitude the norm of each row of W. `copy_whole` and `local` let a sharded layer
-    (distributed.load_sharded) take its own rows: the magnitude is computed where each row of W lives."""
-    copy_whole(layer.lora_A, initial_lora_A(layer.rank, layer.base_layer.in_features, layer.lora_A.dtype, generator))
+    its base), and the magnitude the norm of each row of W. A layer FSDP shards takes its own rows, the
+    magnitude computed where each row of W lives."""
+    lora_A = initial_lora_A(layer.rank, layer.base_layer.in_features, layer.lora_A.dtype, generator)
+    weight = local(layer.base_layer.weight)
+    copy_whole_into(layer.lora_A, lora_A)
     local(layer.lora_B).zero_()
-    local(layer.lora_magnitude).copy_(row_norm_sq(local(layer.base_layer.weight)).sqrt())
+    local(layer.lora_magnitude).copy_(row_norm_sq(weight).sqrt())
 
 
 class DoRALinear(nn.Module):
@@ -259,6 +258,14 @@ def apply_dora(model: nn.Module, rank: int = 16, alpha: float = 32, dropout: flo
         layer.train(linear.training)  # keep eval/train mode
         setattr(model.get_submodule(owner), attr, layer)
     return summarize(model, len(chosen))
+
+
+def initialise_adapters(model: nn.Module, seed: int) -> None:
+    """Start every DoRA layer again as apply_dora(..., seed=seed) starts it, from the weights it holds now: for
+    adapters attached to a model built on the meta device and filled afterwards."""
+    for name, layer in dora_layers(model):
+        generator = layer_generator(seed, name)
+        initialise_adapter(layer, generator)
 
 
 def hold_norms(model: nn.Module, *_) -> None:

@@ -21,6 +21,7 @@ from ..storage.atomic import staged_folder
 from ..storage.files import ModelFileError, read_json, safetensors_header
 from .peft_files import load_adapter
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM
+from .shards import copy_whole_into
 from .tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,9 +49,9 @@ def folder_shards(folder: Path) -> dict[Path, set[str]]:
     raise ModelFileError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
     owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=requires_grad))
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -118,10 +119,36 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     """Qwen3ForCausalLM with the weights of an HF folder, cast to `dtype` on `device`."""
     with torch.device("meta"):
         model = Qwen3ForCausalLM(Qwen3Config.from_pretrained(path))
-    for name, tensor in folder_tensors(path, model, dtype):
-        _set_parameter(model, name, tensor.to(device=device))
-    model.tie_weights()
+    load_weights(model, path, dtype, device)
     return model.eval()  # like transformers: dropout off until a trainer asks for train()
+
+
+@torch.no_grad()
+def load_weights(model: Qwen3ForCausalLM, folder: str | Path, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> None:
+    """Fill `model`'s weights from an HF folder, in `dtype` on `device`, tensor by tensor: a parameter on the
+    meta device is replaced by the folder's tensor (memory-mapped, not copied, when it is the file's dtype on the
+    CPU), a sharded one (FSDP2) takes this rank's rows, any other is copied into. A frozen base under an adapter
+    is found by the folder's name (q_proj.weight is q_proj.base_layer.weight here) and stays frozen. Tensors the
+    folder does not hold (an adapter's own) are made on `device`, empty, when still on the meta device: the
+    adapter starts from them (dora.initialise_adapters)."""
+    params = dict(model.named_parameters())
+    # An adapter wraps a linear as its `base_layer`: the wrapper's other tensors are its own, not the folder's.
+    own = {f"{owner}.{name}" for owner, module in model.named_modules() if hasattr(module, "base_layer")
+           for name, _ in module.named_parameters(recurse=False)}
+    by_folder_name = {name.replace(".base_layer.", "."): name for name in params if name not in own}
+    expected = {folder_name: params[name] for folder_name, name in by_folder_name.items()}
+    for folder_name, tensor in folder_tensors(folder, model, dtype, expected):
+        name = by_folder_name[folder_name]
+        param = params[name]
+        if param.is_meta:
+            _set_parameter(model, name, tensor.to(device=device), param.requires_grad)
+        else:
+            copy_whole_into(param, tensor.to(device=param.device))
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            _set_parameter(model, name, torch.empty_like(param, device=device), param.requires_grad)
+    model.tie_weights()
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16,

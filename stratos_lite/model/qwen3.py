@@ -379,3 +379,14 @@ class Qwen3ForCausalLM(nn.Module):
         c, ref = self.config, self.model.embed_tokens.weight
         return [KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, ref.dtype, ref.device)
                 for _ in range(c.num_hidden_layers)]
+
+
+def new_model(config: Qwen3Config, dtype: torch.dtype) -> Qwen3ForCausalLM:
+    """A Qwen3 with fresh weights created in `dtype`, where the current default device (or tensor mode) puts
+    them: built in bf16, it has no fp32 copy to cast from."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..config import TrainConfig
 from ..model.dora import dora_layers
 from ..model.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from ..train.builder import prepare_model
+from ..train.builder import apply_training_settings, prepare_model
 from ..train.device import attention_kernel
 from .allocator import CachingAllocator
 
@@ -172,6 +172,7 @@ class Simulator:
         self.attention_kernel = attention  # the math kernel's probabilities count as activations
         with self.faking():
             self.model = prepare_model(config, device, weights=False, model_config=model_config)
+            apply_training_settings(self.model, config, compiled=False)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.counts = parameter_counts(self.model, config.mode)
 

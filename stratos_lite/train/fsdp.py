@@ -14,8 +14,6 @@ written by rank 0), the same files a one-process run writes, so any number of ra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -26,64 +24,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-
-from ..model.dora import dora_layers, initialise_adapter, layer_generator
-from ..model.folders import folder_tensors
 
 
-def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
-    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head). In place."""
+def shard_model(model: nn.Module, cpu_offload: bool = False, device: torch.device | None = None) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place. A model built
+    on the meta device is then made on `device`, empty: this rank's rows of each parameter, ready to be
+    filled (model/folders.py's load_weights writes each rank's rows)."""
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
     options = {"mp_policy": policy, **({"offload_policy": offload} if offload else {})}
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
+    if device is not None:
+        model.to_empty(device=device)
     return model
-
-
-@torch.no_grad()
-def copy_whole_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
-    """Set a parameter from its whole value: a sharded one takes only this rank's rows (FSDP2 shards dim 0
-    with torch.chunk), so no rank ever holds more than one whole tensor at a time."""
-    if not isinstance(param, DTensor):
-        param.copy_(tensor)
-        return
-    mesh = param.device_mesh
-    rows = tensor.chunk(mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    param.to_local().copy_(rows[rank] if rank < len(rows) else tensor[:0])
-
-
-def fill_shards(model: nn.Module, folder: str | Path, dtype: torch.dtype, device: torch.device, seed: int) -> None:
-    """A sharded model built on the meta device, made real on `device` and filled from an HF folder tensor by
-    tensor, each rank copying only its rows, so no rank ever holds more than one whole tensor. DoRA's tensors
-    start as apply_dora starts them (A from `seed` and the layer's name, B zero, the magnitude the norm of each
-    row of W, computed where the row lives); checkpoint names skip DoRA's wrapping (q_proj.weight is
-    q_proj.base_layer.weight here)."""
-    model.to_empty(device=device)
-    adapters = dict(dora_layers(model))
-    by_folder_name = {name.replace(".base_layer.weight", ".weight"): p for name, p in model.named_parameters()
-                      if not (adapters and p.requires_grad)}
-    for name, tensor in folder_tensors(folder, model, dtype, by_folder_name):
-        copy_whole_into(by_folder_name[name], tensor)
-    for name, layer in adapters.items():
-        initialise_adapter(layer, layer_generator(seed, name), copy_whole=copy_whole_into, local=local)
 
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor as one piece: a DTensor gathered from its shards, anything else as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (all of it when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def trainable_names(model: nn.Module) -> list[str]:

@@ -2,12 +2,11 @@
 
 PyTorch's CPU tensors live in glibc's heap. A tensor freed below one still alive (a layer's temporaries
 under the layer input that checkpointing keeps) cannot be returned by glibc on its own, so a step's
-resident memory drifts above the bytes its tensors hold: 1.15-1.69x the plan's exact live peak in
-benchmarks/plan_accuracy.py. malloc_trim(0) returns every whole free page in the heap. Where it is called
-decides the trade, and the price is faulting the pages in again. At the boundaries of a step (each
-micro-batch's forward and backward, the optimizer step) it takes back part of the gap; every 4 decoder
-layers it holds the peak within 10 % of the live bytes, for up to 25 % more step time at Qwen3-0.6B's
-shape. Both cost 1.4x on the demo's 0.1 s steps (benchmarks/heap_release_speed.py), hence off by default.
+resident memory drifts above the bytes its tensors hold, and above the plan's live peak. malloc_trim(0)
+returns every whole free page in the heap. Where it is called decides the trade, and the price is faulting
+the pages in again. At the boundaries of a step (each micro-batch's forward and backward, the optimizer step)
+it takes back part of the gap; every few decoder layers it holds the peak near the live bytes. Short steps
+pay most for the faults, hence off by default.
 
 On a libc without malloc_trim (macOS, musl) every call here does nothing.
 """

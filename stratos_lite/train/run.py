@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from ..config import TrainConfig
 from ..data.dataset import RunData
-from ..model.dora import has_dora, summarize
 from .builder import prepare_model
 from .trainer import Trainer, TrainResult
 
@@ -16,7 +15,5 @@ from .trainer import Trainer, TrainResult
 def train_from_config(config: TrainConfig, data: RunData) -> TrainResult:
     """Prepare the model `config` trains and train it on `data` (RunData.read(config), read once: the train
     command's plan reads its lengths first)."""
-    model = prepare_model(config)
-    if has_dora(model) and config.progress:
-        print(summarize(model))
-    return Trainer(model, data.train, config, eval_dataset=data.evaluation, pad_id=data.tokenizer.pad_id).train()
+    return Trainer(prepare_model(config), data.train, config, eval_dataset=data.evaluation,
+                   pad_id=data.tokenizer.pad_id).train()

@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.shards import local, whole
 from .device import default_device
-from .fsdp import gather_parameters, gather_state, gather_trainable, local, scatter_state, whole
+from .fsdp import gather_parameters, gather_state, gather_trainable, is_sharded, scatter_state, shard_model
 
 
 def process_group_backend(device: torch.device) -> str:
@@ -183,8 +184,14 @@ class DataParallel(AcrossRanks):
 
 
 class Sharded(AcrossRanks):
-    """FSDP2 (fsdp.shard_model): every parameter, gradient and optimizer state split across ranks; the model
-    comes sharded (the builder shards it)."""
+    """FSDP2 (fsdp.shard_model): every parameter, gradient and optimizer state split across ranks. The model
+    comes sharded from the builder's prepare_model, which reads each rank's rows only; one a script built
+    whole is sharded here."""
+
+    def __init__(self, model: nn.Module, process_rank: int, world_size: int, cpu_offload: bool = False):
+        super().__init__(model, process_rank, world_size)
+        if not is_sharded(model):
+            shard_model(model, cpu_offload=cpu_offload)  # parameters become sharded DTensors, in place
 
     def gradient_sync(self, last: bool):
         self.model.set_requires_gradient_sync(last)

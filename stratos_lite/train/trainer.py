@@ -73,7 +73,6 @@ class Trainer:
         self.eval_dataset, self.pad_id = eval_dataset, pad_id
         self.out_dir = Path(config.out_dir)
         self.device = next(model.parameters()).device
-        self.compute_dtype = compute_dtype(config.dtype, self.device)  # resolved once, not per micro-batch
         self.release_heap = self.device.type == "cpu" and config.heap_release != "off"
         self.strategy = ready_for_training(model, config)  # the builder's settings; one process, DDP or FSDP
         self.log = MetricsLog(self.out_dir, config.log, writes=self.strategy.is_main)
@@ -205,7 +204,8 @@ class Trainer:
                 self._print(format_verification(result))
 
     def _report_data(self) -> None:
-        """The dataset's report (ScoredDataset has one) in out_dir, and printed with what padding costs the run."""
+        """The dataset's report (ScoredDataset has one) in out_dir, and printed with what padding costs the run
+        and how much of the model trains."""
         report = getattr(self.train_dataset, "report", None)
         if report is None or not self.strategy.is_main:
             return
@@ -214,8 +214,10 @@ class Trainer:
             config, lengths = self.config, self.train_dataset.lengths
             padding = estimate_padding(lengths, config.batch_size, config.grad_accum,
                                        max(config.row_tokens, max(lengths)))
+            trained, total = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
             self._print(report.to_markdown() + "padding: " + padding.describe()
-                        + ("" if config.packing else " (packing = true would remove it)"))
+                        + ("" if config.packing else " (packing = true would remove it)")
+                        + f"\ntraining {trained:,} of {total:,} parameters ({100 * trained / total:.3f} %)")
 
     def _warn_about_environment(self) -> None:
         if self.config.dtype == "bfloat16" and not bf16_is_native(self.device):
@@ -225,6 +227,11 @@ class Trainer:
             self._print(f"WARNING: {flag} is set. Unset it if gradients go NaN.")
         if self.device.type != "cpu":  # which kernel SDPA gives training here decides memory, speed and NaNs
             self._print(self._attention_line)
+
+    @functools.cached_property
+    def compute_dtype(self) -> torch.dtype:
+        """What the forward computes in on the model's device (resolved once, not per micro-batch)."""
+        return compute_dtype(self.config.dtype, self.device)
 
     @functools.cached_property
     def _attention_line(self) -> str:
