@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from step_speed import SHAPES, device, device_name, hf_arguments, hf_step_timer, rss
+from timing import step_records
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, ACCUM, RANK, ALPHA, DROPOUT = 2, 8, 16, 32, 0.05
@@ -96,9 +97,8 @@ def run_ours(shape: dict, data: Path, tokenizer_dir: Path, steps: int, packing: 
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,
                             dtype="bfloat16", gradient_checkpointing=True, band_sampling=False, verify_batches=0,
                             save_every=10**9, progress=False, packing=packing, max_len=MAX_LEN)
-    trainer = sl.Trainer(model, dataset, config)
-    trainer._finish = lambda metrics, seconds: metrics  # timing only: no summary files
-    metrics = trainer.train()
+    sl.Trainer(model, dataset, config).train()
+    metrics = step_records(config.out_dir)
     real, padded = step_tokens(dataset, steps)
     return {"times": [m["step_seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
             "real": real, "padded": padded}

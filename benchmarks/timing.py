@@ -1,7 +1,9 @@
-"""The one timing helper the benchmarks share."""
+"""The timing helpers the benchmarks share."""
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,3 +26,8 @@ def median_seconds(run, repeats: int, warmup: int = 2) -> float:
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def step_records(out_dir) -> list[dict]:
+    """A training run's step records (its metrics.jsonl: step_seconds, tokens, loss, ...)."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
