@@ -1,4 +1,5 @@
-"""A newcomer's first hour: the installed `stratos-lite` command, TensorBoard events, README's Python example."""
+"""A newcomer's first hour: the installed `stratos-lite` command and TensorBoard events (the README's Python
+example runs in test_docs.py)."""
 
 import dataclasses
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_trainer import quick_config
-from train_child import build, save_base
+from train_child import build
 
 import stratos_lite as sl
 from stratos_lite.commands import parser
@@ -98,18 +99,3 @@ def test_tensorboard_without_the_package_is_refused_before_training(demo_dir, tm
     with pytest.raises(sl.ConfigError, match=r"setting 'log' = \['tensorboard'\]: expected a list of non-empty "
                                              r"strings, a list holding \"jsonl\""):
         quick_config(tmp_path, log=["tensorboard"])
-
-
-def test_readme_python_example_runs_as_written(demo_dir, tmp_path, monkeypatch):
-    """The example under "The public API", with its folders pointed at a tiny model and the demo data."""
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"## The public API\n\n```python\n(.*?)```", readme, re.DOTALL).group(1)
-    save_base(str(demo_dir), tmp_path / "models" / "Qwen3-8B")
-    (tmp_path / "data").mkdir()
-    for name in ("train.jsonl", "eval.jsonl"):
-        shutil.copy(demo_dir / name, tmp_path / "data" / name)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(example, "README.md", "exec"), {})
-    assert json.loads((tmp_path / "runs/v2/eval/metrics.json").read_text())["examples"] == 20
-    assert (tmp_path / "runs/v2/adapter/adapter_model.safetensors").is_file()
-    assert (tmp_path / "runs/v2/merged/config.json").is_file() and (tmp_path / "runs/v2/Modelfile").is_file()

@@ -1,4 +1,4 @@
-"""The demo's shipped base (stratos_lite/demo_base/): made by the script from today's code and settings, and
+"""The demo's shipped base (stratos_lite/demo/shipped_base/): made by the script from today's code and settings, and
 as good at reading profiles as its record says.
 
 tools/make_demo_base.py takes 12 minutes on 2 cores, too long for the suite, so the test repeats what decides
