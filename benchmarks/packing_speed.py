@@ -132,7 +132,7 @@ def run_hf(shape: dict, data: Path, tokenizer_dir: Path, steps: int, packing: bo
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    InOrder(model=model, args=hf_arguments(out_dir, steps, "bfloat16", BATCH, ACCUM), train_dataset=rows,
+    InOrder(model=model, args=hf_arguments(out_dir, steps, torch.bfloat16, BATCH, ACCUM), train_dataset=rows,
             data_collator=collate, callbacks=[hf_step_timer(times)]).train()
     return {"times": times}
 

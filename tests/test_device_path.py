@@ -270,3 +270,54 @@ def test_fixed_shape_decoding_steps_repeat_the_same_kernels_and_never_read_the_d
     host_reads = {"_local_scalar_dense", "item", "nonzero", "is_nonzero"}
     assert not host_reads & {name for ops in fixed for name, _ in ops}
     assert len(in_order) == 9 and in_order[1] != in_order[0]
+
+
+def test_fixed_shape_decoding_reuses_one_graph_per_shape_while_the_weights_stay(tmp_path):
+    from conftest import tiny_config, write_hf_checkpoint
+
+    from stratos_lite.model.generate import GraphedSteps
+
+    write_hf_checkpoint(tmp_path, tiny_config())
+    model = sl.load_model(tmp_path, dtype=torch.float32)
+    sl.apply_dora(model, rank=4, alpha=8, dropout=0.0)
+    model.eval()
+    first, second = [[5, 6, 7], [8, 9]], [[11, 12], [13, 14, 15]]  # one shape: batch 2, 3 + 6 keys
+
+    def steps():
+        return model.decode_graphs[(2, 9, torch.device("cpu"), torch.float32)]
+
+    assert sl.generate(model, first, max_new_tokens=6, cuda_graph=True) == sl.generate(model, first, max_new_tokens=6)
+    made = steps()
+    assert sl.generate(model, second, max_new_tokens=6, cuda_graph=True) == sl.generate(model, second,
+                                                                                       max_new_tokens=6)
+    assert steps() is made  # the same buffers (and, on a GPU, the same captured graph) serve the second call
+    with torch.no_grad():  # a training step changes weights in place: the steps made for the old ones are not used
+        next(p for name, p in model.named_parameters() if "lora_B" in name).add_(0.1)
+    assert sl.generate(model, first, max_new_tokens=6, cuda_graph=True) == sl.generate(model, first, max_new_tokens=6)
+    assert steps() is not made
+    changed = steps()
+    with sl.adapters_disabled(model):
+        assert sl.generate(model, first, max_new_tokens=6, cuda_graph=True) == sl.generate(model, first,
+                                                                                           max_new_tokens=6)
+        assert steps() is not changed
+    assert isinstance(changed, GraphedSteps)
+
+
+def test_aotriton_version_is_read_from_the_library_file_name(tmp_path):
+    from stratos_lite.model.attention_report import aotriton_version
+
+    assert aotriton_version(tmp_path) == "unknown"
+    for name in ("libaotriton_v2.so", "libaotriton_v2.so.0", "libaotriton_v2.so.0.11.1"):
+        (tmp_path / name).touch()
+    assert aotriton_version(tmp_path) == "0.11.1"
+
+
+def test_what_deterministic_cannot_promise_on_rocm_is_said(monkeypatch):
+    from stratos_lite.train.device import determinism_gap
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert determinism_gap(True, "sdpa", gpu) is None  # CUDA (or this CPU build): the promise holds as written
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert "attention_kernel = 'math'" in determinism_gap(True, "sdpa", gpu)
+    assert determinism_gap(True, "math", gpu) is None and determinism_gap(True, "sdpa", cpu) is None
+    assert determinism_gap(False, "sdpa", gpu) is None

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, write_hf_checkpoint
 
 import stratos_lite as sl
-from stratos_lite.model.qwen3 import attend_one_token
+from stratos_lite.model.qwen3 import attend, attend_one_token
 
 CONFIGS = {
     "tied-mha-single": (tiny_config(tie_word_embeddings=True, num_key_value_heads=4), "2GB"),
@@ -147,6 +147,20 @@ def test_one_token_attention_equals_attention_over_repeated_keys():
     for m in (None, mask):
         expected = torch.nn.functional.scaled_dot_product_attention(q, *repeated, attn_mask=m)
         assert torch.allclose(attend_one_token(q, k, v, m), expected, atol=1e-6)
+
+
+def test_masked_grouped_attention_folds_query_heads_instead_of_repeating_keys():
+    """A padded prefill's attention (a boolean mask, 4 query heads per key/value head) gives what attention over
+    repeated keys gives, without repeating them and without asking any kernel for GQA support."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 9, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    padded = torch.ones(3, 1, 9, 9, dtype=torch.bool).tril()
+    padded[1:, ..., :3] = False
+    padded[..., torch.arange(9), torch.arange(9)] = True
+    repeated = [t.repeat_interleave(4, dim=1) for t in (k, v)]
+    for mask in (padded, padded[0, 0]):  # per row, and one (t, keys) mask for every row
+        expected = torch.nn.functional.scaled_dot_product_attention(q, *repeated, attn_mask=mask)
+        assert torch.allclose(attend(q, k, v, mask, gqa=True), expected, atol=1e-6)
 
 
 def test_generation_stops_at_stop_token_and_samples_reproducibly(tmp_path):

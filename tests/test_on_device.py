@@ -10,9 +10,12 @@ against the CPU's tokens.
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from conftest import hf_model, tiny_config, write_hf_checkpoint
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
 from torch import nn
 
 import stratos_lite as sl
@@ -80,15 +83,17 @@ def test_resumed_trainer_steps_equal_straight_ones_on_the_device(demo_dir, tmp_p
                                 dtype="float32", save_every=3, verify_batches=0, progress=False,
                                 gradient_checkpointing=False)
         trainer = sl.Trainer(model, data, config, pad_id=tokenizer.pad_id)
-        if stop_after:  # a SIGTERM after that step, as a preempted job gets: checkpoint, then stop
-            take_step = trainer._train_one_step
+        if stop_after:  # a SIGTERM during that step, as a preempted job gets: finish it, checkpoint, stop
+            take_step, taken = trainer.step, []
 
-            def step_then_signal(run, draw, bar):
-                take_step(run, draw, bar)
-                if run.step == stop_after:
+            def step_then_signal(micro_batches, optimizer):
+                result = take_step(micro_batches, optimizer)
+                taken.append(1)
+                if len(taken) == stop_after:
                     os.kill(os.getpid(), signal.SIGTERM)
+                return result
 
-            trainer._train_one_step = step_then_signal
+            trainer.step = step_then_signal
             with pytest.raises(Interrupted):
                 trainer.train()
         else:
@@ -112,9 +117,23 @@ def test_export_from_a_device_model_equals_the_cpu_export(tmp_path, tokenizer):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    on_cpu = export_gguf(model, tokenizer, tmp_path / "cpu.gguf", quant="q8_0", modelfile=False).read_bytes()
+    on_cpu = export_gguf(model, tokenizer, tmp_path / "cpu.gguf", quant="q8_0", modelfile=False)
     on_device = export_gguf(model.to(DEVICE), tokenizer, tmp_path / "device.gguf", quant="q8_0", modelfile=False)
-    assert on_device.read_bytes() == on_cpu
+    # The DoRA merge runs where the model is: a GPU's norm may differ from the CPU's in the last bit, and a value
+    # then rounds to the next q8_0 step. So the files agree to one step of each block (bitwise on a CPU).
+    for ours, theirs in zip(GGUFReader(on_device).tensors, GGUFReader(on_cpu).tensors, strict=True):
+        assert ours.name == theirs.name and ours.tensor_type == theirs.tensor_type
+        if DEVICE.type == "cpu" or ours.tensor_type != GGMLQuantizationType.Q8_0:
+            assert np.array_equal(ours.data, theirs.data), ours.name
+            continue
+        step = np.maximum(q8_0_scales(ours.data), q8_0_scales(theirs.data))
+        difference = np.abs(dequantize(ours.data, ours.tensor_type) - dequantize(theirs.data, theirs.tensor_type))
+        assert (difference.reshape(-1, 32) <= step.reshape(-1, 1) * 1.0001).all(), ours.name
+
+
+def q8_0_scales(blocks: np.ndarray) -> np.ndarray:
+    """Each q8_0 block's scale d (its first two bytes, fp16): one quantization step of the block's values."""
+    return blocks.reshape(-1, 34)[:, :2].copy().view(np.float16).astype(np.float32).ravel()
 
 
 def test_greedy_generation_on_the_device_equals_the_cpu():

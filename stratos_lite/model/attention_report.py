@@ -10,6 +10,8 @@ The kernel is read from the profiler's record of one small call with the model's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .qwen3 import attend
@@ -44,11 +46,19 @@ def versions() -> str:
     """torch and the GPU stack's versions: CUDA, or HIP and AOTriton on ROCm."""
     parts = [f"torch {torch.__version__}"]
     if torch.version.hip:
-        aotriton = getattr(torch._C, "_aotriton_version", None)  # ROCm builds only
-        parts += [f"HIP {torch.version.hip}", f"AOTriton {aotriton() if callable(aotriton) else 'unknown'}"]
+        parts += [f"HIP {torch.version.hip}", f"AOTriton {aotriton_version()}"]
     elif torch.version.cuda:
         parts.append(f"CUDA {torch.version.cuda}")
     return ", ".join(parts)
+
+
+def aotriton_version(library_folder: Path | None = None) -> str:
+    """The AOTriton release a ROCm build of torch carries, read from its library's file name
+    (libaotriton_v2.so.0.11.1 in torch/lib, beside its shorter links): torch has no call that reports it; "unknown"
+    when none is found."""
+    folder = library_folder or Path(torch.__file__).parent / "lib"
+    versions = [path.name.split(".so.", 1)[1] for path in folder.glob("libaotriton*.so.*")]
+    return max(versions, key=lambda version: (version.count("."), version)) if versions else "unknown"
 
 
 def attention_line(model_config, device: torch.device, dtype: torch.dtype, setting: str = "sdpa") -> str:

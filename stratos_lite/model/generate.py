@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from .qwen3 import KVCache, Qwen3ForCausalLM
 
@@ -69,23 +70,54 @@ class InOrderSteps:
 
 
 class GraphedSteps:
-    """Decoding steps of one fixed shape: each token is written at a device-side cursor (KVCache.cursor) and
-    attends to the whole cache under the mask of filled keys, so no step reads anything from the host.
+    """Decoding steps of one fixed shape (batch, cache length): each token is written at a device-side cursor
+    (KVCache.cursor) and attends to the whole cache under the mask of filled keys, so no step reads anything
+    from the host.
 
     On a CUDA or ROCm device the first step runs on a side stream (a warm-up that also allocates what the
     kernels need), the second is captured in a CUDA graph, and every step is then one graph replay instead of
-    hundreds of kernel launches, which is what decoding at small batches is bound by. Elsewhere the same
-    steps run eagerly (what the CPU tests compare with InOrderSteps and transformers)."""
+    hundreds of kernel launches, which is what decoding at small batches is bound by. The steps, their
+    buffers and the graph are kept on the model (`of`), so a later generate() of the same shape replays the
+    graph captured before, while the weights it read are unchanged. Elsewhere the same steps run eagerly
+    (what the CPU tests compare with InOrderSteps and transformers)."""
 
-    def __init__(self, model: Qwen3ForCausalLM, caches: list[KVCache], filled: torch.Tensor, position: torch.Tensor):
-        self.model, self.caches, self.filled = model, caches, filled
-        self.cursor = torch.tensor([caches[0].length], device=position.device)
-        for cache in caches:
-            cache.cursor = self.cursor
-        self.position, self.token = position.clone(), torch.zeros_like(position)
-        self.on_cuda, self.steps = position.device.type == "cuda", 0
+    def __init__(self, model: Qwen3ForCausalLM, batch: int, cache_len: int):
+        device = model.model.embed_tokens.weight.device
+        self.model, self.caches = model, model.new_kv_caches(batch, cache_len)
+        self.filled = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.on_cuda, self.steps = device.type == "cuda", 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer, rewritten by each replay
+        self.weights = weights_state(model)  # what the graph read: replaying it for other weights would be wrong
+
+    @classmethod
+    def of(cls, model: Qwen3ForCausalLM, batch: int, cache_len: int) -> GraphedSteps:
+        """The model's steps of this shape, made on first use and kept (in model.decode_graphs) while the
+        weights and adapters they were made with stay as they are."""
+        weight = model.model.embed_tokens.weight
+        key = (batch, cache_len, weight.device, weight.dtype)
+        graphs = model.__dict__.setdefault("decode_graphs", {})
+        if key not in graphs or graphs[key].weights != weights_state(model):
+            graphs[key] = cls(model, batch, cache_len)
+        return graphs[key]
+
+    def prefill_caches(self, filled: torch.Tensor) -> list[KVCache]:
+        """The caches, emptied for new prompts (keys a longer earlier batch left stay masked by `filled`)."""
+        for cache in self.caches:
+            cache.length, cache.cursor = 0, None
+        self.filled.copy_(filled)
+        return self.caches
+
+    def start(self, position: torch.Tensor) -> GraphedSteps:
+        """After the prefill: the cursor at the caches' end, each row's next position."""
+        self.cursor.fill_(self.caches[0].length)
+        for cache in self.caches:
+            cache.cursor = self.cursor
+        self.position.copy_(position)
+        return self
 
     def step(self) -> torch.Tensor:
         self.filled.index_fill_(1, self.cursor, True)
@@ -122,6 +154,13 @@ class GraphedSteps:
             self.logits = self.step()
 
 
+def weights_state(model: nn.Module) -> tuple:
+    """Where each parameter lives and how often it was changed in place, and whether each adapter is on: what a
+    captured decoding step read. Any change (training, a merge, adapters switched off) calls for a new one."""
+    return (tuple((p.data_ptr(), p._version) for p in model.parameters()),
+            tuple(getattr(m, "adapter_enabled", None) for m in model.modules()))
+
+
 @torch.inference_mode()
 def generate(
     model: Qwen3ForCausalLM,
@@ -150,15 +189,15 @@ def generate(
     ids, filled = ids.to(device), filled.to(device)
     batch, longest = ids.shape
     positions = (filled[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
-    caches = model.new_kv_caches(batch, longest + max_new_tokens)
+    graphed = GraphedSteps.of(model, batch, longest + max_new_tokens) if cuda_graph else None
+    caches = graphed.prefill_caches(filled) if graphed else model.new_kv_caches(batch, longest + max_new_tokens)
     last = torch.arange(1, batch + 1, device=device) * longest - 1  # each row's last position, flat
     # Prompts of one length are plain causal attention: a mask only where padding needs one.
     padded = len({len(p) for p in prompts}) > 1
     logits = model(ids, position_ids=positions, attention_mask=prefill_mask(filled[:, :longest]) if padded else None,
                    kv_caches=caches, logits_at=last)
     next_position = positions[:, -1:] + 1
-    decode = (GraphedSteps(model, caches, filled, next_position) if cuda_graph
-              else InOrderSteps(model, caches, filled, next_position, padded))
+    decode = graphed.start(next_position) if graphed else InOrderSteps(model, caches, filled, next_position, padded)
 
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -198,7 +198,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -
         return attend_segments(q, k, v, mask, gqa)
     if q.shape[2] == 1:
         return attend_one_token(q, k, v, mask)
+    if mask is not None and gqa:
+        return attend_folded(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A masked call over grouped keys (a padded prefill): the query heads that share a key/value head are
+    folded into that head's query rows, (b, kv_heads, group x t, head_dim), and the mask's rows repeated for
+    them. No kernel then needs GQA support (ROCm's memory-efficient one has none, and would fall to the math
+    kernel with K and V repeated), and no key or value is copied."""
+    b, heads, t, dim = q.shape
+    group = heads // k.shape[1]
+    folded = q.reshape(b, k.shape[1], group * t, dim)
+    rows = mask.repeat(*[1] * (mask.dim() - 2), group, 1)
+    return F.scaled_dot_product_attention(folded, k, v, attn_mask=rows).reshape(b, heads, t, dim)
 
 
 @torch.compiler.disable  # each packed row has its own lengths: a compiled layer would compile for every row

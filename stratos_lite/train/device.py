@@ -55,3 +55,12 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def determinism_gap(wanted: bool, attention: str, device: torch.device) -> str | None:
+    """What deterministic = true cannot make repeatable on `device`, or None. On ROCm, AOTriton's fused attention
+    backward ignores PyTorch's deterministic mode, so attention must run on the math kernel for a bitwise rerun."""
+    if wanted and torch.version.hip and device.type == "cuda" and attention != "math":
+        return ("deterministic = true on ROCm: AOTriton's fused attention backward is not deterministic; "
+                "attention_kernel = 'math' makes the run repeatable bit for bit (at the math kernel's memory)")
+    return None

@@ -47,7 +47,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .device import attention_kernel, bf16_is_native, compute_dtype, deterministic_algorithms
+from .device import attention_kernel, bf16_is_native, compute_dtype, determinism_gap, deterministic_algorithms
 from .guard import NonFiniteError, diagnosis, first_nonfinite_gradient, first_nonfinite_module, risky_flags
 from .heap import release_free_memory, released_every
 from .loss import example_losses
@@ -225,6 +225,8 @@ class Trainer:
                         "times slower than float32; dtype = 'auto' picks float32 here.")
         for flag in risky_flags():
             self._print(f"WARNING: {flag} is set. Unset it if gradients go NaN.")
+        if gap := determinism_gap(self.config.deterministic, self.config.attention_kernel, self.device):
+            self._print(f"WARNING: {gap}")
         if self.device.type != "cpu":  # which kernel SDPA gives training here decides memory, speed and NaNs
             self._print(self._attention_line)
 
