@@ -84,8 +84,8 @@ def attention_calls(dry_run: bool) -> dict[str, dict]:
 
 def kernels(dry_run: bool) -> dict:
     """The kernel SDPA picks for each call and the output's largest error relative to fp32 math."""
+    from stratos_lite.model.attention import attend
     from stratos_lite.model.attention_report import kernel_of_call
-    from stratos_lite.model.qwen3 import attend
 
     dtype = torch.float32 if dry_run and device().type == "cpu" else torch.bfloat16
     found = {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timing import median_seconds
 
-from stratos_lite.model.qwen3 import Segments, attend
+from stratos_lite.model.attention import Segments, attend
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 MEDIAN_TOKENS, SIGMA, SHORTEST, LONGEST = 330, 0.45, 120, 1024

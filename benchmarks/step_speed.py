@@ -105,10 +105,10 @@ def matmul_rate(dtype: torch.dtype) -> float:
         a @ b
     best = float("inf")
     for _ in range(5):
-        _sync()
+        synchronize()
         start = time.perf_counter()
         a @ b
-        _sync()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     del a, b
     if torch.cuda.is_available():
@@ -116,7 +116,7 @@ def matmul_rate(dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
-def _sync():
+def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -195,11 +195,11 @@ def hf_step_timer(times: list[float]):
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            _sync()
+            synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            synchronize()
             times.append(time.perf_counter() - self.start)
 
     return StepTimer()
@@ -233,6 +233,31 @@ def run_row(command: list[str], timeout: float | None = None, env: dict | None =
         lines = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " / ".join(lines) or f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interleaved_rows(rows: list[tuple[str, dict]], shape: str, seq: int, dtype: str, steps: int,
+                     rounds: int) -> None:
+    """Our rows (label, TrainConfig settings) run `rounds` times in turn, so that a drift of the machine's speed
+    falls on all of them; printed: each row's median step over the rounds, the median of its ratios to the first
+    row in the same round, its peak memory beside the plan's."""
+    results: dict[str, list[dict]] = {label: [] for label, _ in rows}
+    for _ in range(rounds):
+        for label, settings in rows:
+            result = run_row(row_command("stratos_lite", shape, seq, dtype, steps, settings))
+            if "error" in result:
+                print(f"  {label}: FAILED: {result['error']}", flush=True)
+            results[label].append(result)
+    print(f"  {'':<28}{'s/step':>8}{'ratio':>8}{'peak GB':>9}{'plan GB':>9}")
+    for label, _ in rows:
+        pairs = [(mine, anchor) for mine, anchor in zip(results[label], results[rows[0][0]], strict=True)
+                 if "error" not in mine and "error" not in anchor]
+        if not pairs:
+            continue
+        seconds = statistics.median(mine["seconds"] for mine, _ in pairs)
+        ratio = statistics.median(mine["seconds"] / anchor["seconds"] for mine, anchor in pairs)
+        peak = max(mine["peak"] for mine, _ in pairs)
+        print(f"  {label:<28}{seconds:>8.2f}{ratio:>8.3f}{peak / 1e9:>9.2f}{pairs[0][0]['plan'] / 1e9:>9.2f}",
+              flush=True)
 
 
 def runs(with_compiled: bool, with_deterministic: bool) -> list[tuple[str, str, dict]]:

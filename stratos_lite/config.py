@@ -57,6 +57,13 @@ class TrainConfig:
     dtype: str = "bfloat16"  # or "float32", or "auto": bf16 where the device computes it natively
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "layer"  # or "mlp": recompute only each layer's MLP (faster, more memory)
+    # The loss over the vocabulary, this many completion positions at a time (model/vocab_loss.py): one chunk of
+    # logits and of their gradient exists at once, not a micro-batch's. 0: all at once.
+    loss_chunk: int = 256
+    # What the decoder layers keep for backward (under "layer" checkpointing: each layer's input) in pinned host
+    # memory between the forward and the backward, copied out and back beside the compute on a GPU
+    # (model/offload.py): the device holds about two layers' worth. The same losses, bit for bit.
+    offload_activations: bool = False
     # "sdpa": PyTorch picks the attention kernel (flash where it can). "math": matmul, softmax, matmul, which
     # keeps each layer's (heads x length x length) probabilities for the backward (the plan counts them); on a
     # CPU it can beat the flash kernel at short sequences and loses to it at long ones. Measure before choosing.
@@ -221,6 +228,7 @@ _RANGES = {
     "max_grad_norm": _POSITIVE,  # inf: report the norm, never clip
     "dtype": _one_of("bfloat16", "float32", "auto"),
     "checkpoint_policy": _one_of("layer", "mlp"),
+    "loss_chunk": _at_least(0),
     "attention_kernel": _one_of("sdpa", "math"),
     "strategy": _one_of("ddp", "fsdp"),
     "heap_release": _one_of("off", "steps", "layers"),
@@ -259,8 +267,8 @@ def _parse_value(raw: str):
 NOT_RECIPE = frozenset({
     "out_dir", "eval_data", "progress", "save_every", "keep_checkpoints", "heap_release", "heap_release_every",
     "eval_every", "eval_examples", "verify_batches", "max_nonfinite_steps", "gradient_checkpointing",
-    "checkpoint_policy", "attention_kernel", "compile", "strategy", "cpu_offload", "allow_recipe_change", "log",
-    "deterministic",
+    "checkpoint_policy", "loss_chunk", "offload_activations", "attention_kernel", "compile", "strategy", "cpu_offload",
+    "allow_recipe_change", "log", "deterministic",
 })
 
 

@@ -95,9 +95,9 @@ def test_deterministic_setting_turns_on_deterministic_algorithms_for_the_run(dem
     seen = []
     real = example_losses
 
-    def watching(model, batch):
+    def watching(model, batch, loss_chunk=0):
         seen.append(torch.are_deterministic_algorithms_enabled())
-        return real(model, batch)
+        return real(model, batch, loss_chunk)
 
     monkeypatch.setattr("stratos_lite.train.trainer.example_losses", watching)
     runs = []

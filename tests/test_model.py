@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, write_hf_checkpoint
 
 import stratos_lite as sl
-from stratos_lite.model.qwen3 import attend, attend_one_token
+from stratos_lite.model.attention import attend, attend_one_token
 
 CONFIGS = {
     "tied-mha-single": (tiny_config(tie_word_embeddings=True, num_key_value_heads=4), "2GB"),

@@ -18,7 +18,7 @@ import stratos_lite as sl
 from stratos_lite.config import ConfigError
 from stratos_lite.data.packing import collate_packed, first_fit_decreasing, pack_step
 from stratos_lite.data.sampler import sampler_for
-from stratos_lite.model.qwen3 import Segments
+from stratos_lite.model.attention import Segments
 from stratos_lite.train.checkpoint import checkpoints
 from stratos_lite.train.loss import example_losses
 from stratos_lite.train.trainer import Trainer
@@ -185,7 +185,7 @@ def test_plan_knows_packing(demo_dir):
                             packing=True, pack_tokens=600)
     packed = sl.plan(config, model_config=model.config, data=data, memory="1GB")
     assert (packed.seq, packed.forward_shape) == (600, "1 x 600 (a packed row)")
-    assert packed.packing.largest_fitting > 600 and packed.tokens_per_step == sl.plan(
+    assert packed.max_row_tokens > 600 and packed.tokens_per_step == sl.plan(
         sl.TrainConfig(**{**config.to_dict(), "packing": False}), model_config=model.config, data=data,
         memory="1GB").tokens_per_step
     estimate = packed.packing.estimate
@@ -193,6 +193,6 @@ def test_plan_knows_packing(demo_dir):
     assert "rows of up to 600 tokens per step instead of 8 micro-batches" in packed.to_text()
     # A row the memory does not hold is named with the one that fits; one shorter than an example is refused.
     tight = sl.plan(config, model_config=model.config, data=data, memory=packed.peak - 1)
-    assert not tight.fits and f"pack_tokens = {tight.packing.largest_fitting}" in tight.advice()
+    assert not tight.fits and f"pack_tokens = {tight.max_row_tokens}" in tight.advice()
     with pytest.raises(ConfigError, match=rf"'pack_tokens' = 200: the longest example has {data.longest} tokens"):
         sl.plan(sl.TrainConfig(**{**config.to_dict(), "pack_tokens": 200}), model_config=model.config, data=data)

@@ -2,7 +2,7 @@
 
     python tests/train_child.py DATA_DIR OUT_DIR [--slow] [--batch-size B] [--dropout P] [--steps N]
                                 [--mode dora|full] [--strategy ddp|fsdp] [--cpu-offload] [--nan]
-                                [--pack-tokens N (packing on, rows of at most N tokens)]
+                                [--pack-tokens N (packing on, rows of at most N tokens)] [--loss-chunk N]
 """
 
 import argparse
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--nan", action="store_true", help="poison layer 1's MLP output (the NaN guard's test)")
     parser.add_argument("--pack-tokens", type=int, default=0, help="packing = true with rows of this many tokens")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="the vocabulary this many positions at a time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, dataset, tokenizer = build(args.data_dir, args.dropout, args.mode)
@@ -72,7 +73,8 @@ def main() -> None:
     config = TrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=2, lr=1e-3, max_steps=args.steps,
                          save_every=2, keep_checkpoints=2, dtype="float32", verify_batches=0, progress=False,
                          mode=args.mode, strategy=args.strategy, cpu_offload=args.cpu_offload,
-                         packing=args.pack_tokens > 0, pack_tokens=args.pack_tokens or None)
+                         packing=args.pack_tokens > 0, pack_tokens=args.pack_tokens or None,
+                         loss_chunk=args.loss_chunk)
     Trainer(model, SlowDataset(dataset) if args.slow else dataset, config, pad_id=tokenizer.pad_id).train()
     exit_distributed()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.qwen3 import Segments
+from ..model.attention import Segments
 
 IGNORE_INDEX = -100  # a label with no loss (the prompt, padding), as PyTorch's cross-entropy ignores it
 

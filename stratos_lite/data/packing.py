@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..model.qwen3 import Segments
+from ..model.attention import Segments
 from .batch import IGNORE_INDEX, Batch
 
 

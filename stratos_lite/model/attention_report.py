@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .qwen3 import attend
+from .attention import attend
 
 FUSED_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
              "_scaled_dot_product_cudnn_attention": "cudnn", "_flash_attention_forward": "flash",

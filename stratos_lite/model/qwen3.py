@@ -7,8 +7,9 @@ names with a prefix.
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..storage.files import ModelFileError, read_json
+from .attention import attend
+from .offload import HostActivations
+from .vocab_loss import token_cross_entropy
 
 
 @dataclass
@@ -177,63 +181,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-@dataclass(frozen=True)
-class Segments:
-    """A packed row (batch 1) of whole examples of these lengths: each attends causally to itself only.
-
-    Passed where an attention mask goes. Attention runs once per example on its own slice of q, k and v, so a
-    row costs the sum of its examples' T^2 rather than the row's T^2 and needs no mask, which keeps the fast
-    kernels (flash on GPUs and CPUs, which refuse arbitrary masks) in play."""
-    lengths: tuple[int, ...]
-
-    def bounds(self) -> list[tuple[int, int]]:
-        ends = list(itertools.accumulate(self.lengths))
-        return list(zip([0, *ends[:-1]], ends, strict=True))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool) -> torch.Tensor:
-    """SDPA under `mask`: None for causal attention over the call's tokens (for one new token after a
-    cache: every key), a boolean mask, or Segments."""
-    if isinstance(mask, Segments):
-        return attend_segments(q, k, v, mask, gqa)
-    if q.shape[2] == 1:
-        return attend_one_token(q, k, v, mask)
-    if mask is not None and gqa:
-        return attend_folded(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-
-
-def attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A masked call over grouped keys (a padded prefill): the query heads that share a key/value head are
-    folded into that head's query rows, (b, kv_heads, group x t, head_dim), and the mask's rows repeated for
-    them. No kernel then needs GQA support (ROCm's memory-efficient one has none, and would fall to the math
-    kernel with K and V repeated), and no key or value is copied."""
-    b, heads, t, dim = q.shape
-    group = heads // k.shape[1]
-    folded = q.reshape(b, k.shape[1], group * t, dim)
-    rows = mask.repeat(*[1] * (mask.dim() - 2), group, 1)
-    return F.scaled_dot_product_attention(folded, k, v, attn_mask=rows).reshape(b, heads, t, dim)
-
-
-@torch.compiler.disable  # each packed row has its own lengths: a compiled layer would compile for every row
-def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, gqa: bool) -> torch.Tensor:
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                                     enable_gqa=gqa) for s, e in segments.bounds()], dim=2)
-
-
-def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A decoding step's attention: one query per head over every cached key, without repeating the cache.
-
-    The query heads that share a key/value head are folded into that head's query rows, (b, kv_heads,
-    group, head_dim): the same products as repeating K and V group times, which SDPA's math kernel (and
-    enable_gqa where a kernel lacks it) would copy at every token. A (b, 1, 1, keys) padding mask applies to
-    every row alike; without one no mask is passed at all, so no kernel is ruled out for it."""
-    b, heads, _, dim = q.shape
-    folded = q.view(b, k.shape[1], heads // k.shape[1], dim)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
-    return out.view(b, heads, 1, dim)
-
-
 class Attention(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
@@ -307,6 +254,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.initialize_weights()
         # Kept off the module's buffers so that model.to(bfloat16) cannot round the frequencies.
         self._inv_freq, self._attention_factor = rope_frequencies(config)
+        # Makes a forward's holder of what the layers keep for backward (offload.HostActivations), or None.
+        self.activation_offload: Callable[[torch.device], HostActivations] | None = None
 
     @torch.no_grad()
     def initialize_weights(self, std: float = 0.02) -> None:
@@ -350,6 +299,8 @@ class Qwen3ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
         logits_at: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """Logits for `input_ids` (b, t).
 
@@ -358,13 +309,20 @@ class Qwen3ForCausalLM(nn.Module):
         of examples (with position_ids restarting at 0 for each). logits_at: flat (row-major, into b x t)
         indices of positions; when given, only those go through the vocabulary projection and the result is
         (n, vocab), which saves most of the lm_head's time and memory in training. Indices, not a boolean
-        mask: selecting by a device mask makes the host wait for the device to count it.
+        mask: selecting by a device mask makes the host wait for the device to count it. targets: with
+        logits_at, the token each selected position should predict; the result is then each position's
+        cross-entropy (fp32, (n,)) instead of its logits, computed over the vocabulary `loss_chunk` positions at
+        a time (vocab_loss.py; 0: all at once), so a training step never holds every position's logits.
         """
         h = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                kv_caches=kv_caches)
         if logits_at is not None:
             h = h.flatten(0, 1).index_select(0, logits_at)
-        return self.lm_head(h)
+        if targets is None:
+            return self.lm_head(h)
+        if isinstance(self.lm_head, nn.Linear):
+            return token_cross_entropy(h, self.lm_head.weight, targets, loss_chunk)
+        return F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")  # an adapter on the head
 
     def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None,
@@ -379,14 +337,16 @@ class Qwen3ForCausalLM(nn.Module):
             attention_mask = torch.ones(t, start + t, dtype=torch.bool, device=input_ids.device).tril(start)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        for index, layer in enumerate(self.model.layers):
-            cache = kv_caches[index] if kv_caches else None
-            if layer.checkpointing == "layer" and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, attention_mask, cache, use_reentrant=False)
-            elif cache is not None:  # decoding runs eagerly: a compiled layer would compile again as a cache fills
-                h = layer.forward(h, cos, sin, attention_mask, cache)
-            else:
-                h = layer(h, cos, sin, attention_mask, cache)
+        offload = self.activation_offload(h.device) if self.activation_offload and torch.is_grad_enabled() else None
+        with offload.saved() if offload else nullcontext():  # what the layers keep for backward, on the host
+            for index, layer in enumerate(self.model.layers):
+                cache = kv_caches[index] if kv_caches else None
+                if layer.checkpointing == "layer" and torch.is_grad_enabled():
+                    h = checkpoint(layer, h, cos, sin, attention_mask, cache, use_reentrant=False)
+                elif cache is not None:  # decoding runs eagerly: a compiled layer would compile again as a cache fills
+                    h = layer.forward(h, cos, sin, attention_mask, cache)
+                else:
+                    h = layer(h, cos, sin, attention_mask, cache)
         return self.model.norm(h)
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:

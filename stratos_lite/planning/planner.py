@@ -147,6 +147,11 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     notes += [text for text in (note, _decimal_size_note(memory, available)) if text]
     recompute, vocabulary = simulator.temporary_peaks(shape.batch, shape.tokens, completions)
     counts = simulator.counts
+    # The largest batch of the data's longest example, and the longest packed row, whichever the run is.
+    batch_tokens = data.longest if data else config.max_len
+    own = (shape.batch if not config.packing else shape.tokens, here.needed)
+    one = ranks.needed_at(1, batch_tokens)
+    row_limit = max(model_config.max_position_embeddings, shape.tokens)  # rows longer than its context: not asked
     return Plan(
         model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
               f"{model_config.hidden_size}, vocabulary {model_config.vocab_size:,})",
@@ -160,15 +165,17 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         gradients=counts.gradients, optimizer=2 * counts.gradients, activations=here.activity.saved,
         activations_no_checkpointing=(simulator.saved_without_checkpointing(shape.batch, shape.tokens, completions)
                                       if config.gradient_checkpointing else here.activity.saved),
-        logits=here.activity.logits, recompute_peak=recompute, vocabulary_peak=vocabulary, peak=here.peak,
+        logits=max(here.activity.logits, 0), loss_chunk=config.loss_chunk, recompute_peak=recompute,
+        vocabulary_peak=vocabulary, peak=here.peak,
         reserved=here.reserved, workspace=ranks.workspace, memory=available, memory_source=source,
-        max_batch_size=largest_batch(lambda batch: ranks.needed_at(batch, shape.tokens), available,
-                                     (shape.batch, here.needed)),
+        max_batch_size=largest_batch(lambda batch: ranks.needed_at(batch, batch_tokens), available,
+                                     own if not config.packing else (1, one)),
+        max_row_tokens=largest_row(lambda tokens: ranks.needed_at(1, tokens), available,
+                                   own if config.packing else (batch_tokens, one), limit=row_limit),
+        row_limit=row_limit, batch_tokens=batch_tokens, host_activations=here.activity.host,
         data=data, notes=notes, per_rank=here.per_strategy if world_size > 1 else {},
         heap_release=config.heap_release,
-        packing=Packing(shape.tokens, largest_row(lambda tokens: ranks.needed_at(1, tokens), available,
-                                                  (shape.tokens, here.needed)), padding_of(config, data))
-        if config.packing else None,
+        packing=Packing(shape.tokens, padding_of(config, data)) if config.packing else None,
         unpacked_padding=None if config.packing else padding_of(config, data),
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )

@@ -19,9 +19,8 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Packing:
-    """The plan of a packed run: rows of `row_tokens` (the micro-batch simulated), the largest that fits."""
+    """The plan of a packed run: rows of `row_tokens` (the micro-batch simulated)."""
     row_tokens: int
-    largest_fitting: int
     estimate: PaddingEstimate | None  # rows per step from the data's real lengths (None: data not read)
 
 
@@ -66,7 +65,8 @@ class Plan:
     optimizer: int
     activations: int
     activations_no_checkpointing: int
-    logits: int
+    logits: int  # what the loss holds for the backward beyond the activations
+    loss_chunk: int  # TrainConfig.loss_chunk: completion positions projected onto the vocabulary at a time
     recompute_peak: int
     vocabulary_peak: int
     peak: int
@@ -74,7 +74,11 @@ class Plan:
     workspace: int  # the BLAS workspaces on this GPU (0 elsewhere)
     memory: int
     memory_source: str
-    max_batch_size: int
+    max_batch_size: int  # the largest micro-batch of the data's longest example (max_len when unread) that fits
+    max_row_tokens: int  # the longest packed row that fits, up to row_limit
+    row_limit: int  # the longest row searched: the model's context length (or the run's own row, when longer)
+    batch_tokens: int  # the sequence length max_batch_size was searched at
+    host_activations: int = 0  # activations held in host memory (offload_activations), at the peak
     data: DataShape | None = None
     seconds_per_step: float | None = None
     probe_steps: int = 0
@@ -92,6 +96,18 @@ class Plan:
                     "RSS stays near this figure")
         return ("the peak counts live tensors (what a GPU allocator reports); on a CPU glibc's heap keeps freed "
                 "blocks resident, so peak RSS runs above this figure; heap_release 'layers' holds it near it")
+
+    @property
+    def chunked(self) -> bool:
+        return 0 < self.loss_chunk < self.completions
+
+    @property
+    def loss_held(self) -> str:
+        return "each position's gradient, no logits" if self.chunked else "logits, fp32 copy, log-softmax"
+
+    @property
+    def loss_chunks(self) -> str:
+        return f", {self.loss_chunk} positions at a time" if self.chunked else ", all positions at once"
 
     @property
     def batch_text(self) -> str:
@@ -114,8 +130,9 @@ class Plan:
 
     @property
     def needed(self) -> int:
-        """What must fit: on a GPU the allocator's segments and the BLAS workspace, elsewhere the live tensors."""
-        return self.reserved + self.workspace if self.on_gpu else self.peak
+        """What must fit: on a GPU the allocator's segments and the BLAS workspace, elsewhere the live tensors
+        (with what offloading holds on the host: there the host is the device)."""
+        return self.reserved + self.workspace if self.on_gpu else self.peak + self.host_activations
 
     @property
     def fits(self) -> bool:
@@ -137,8 +154,8 @@ class Plan:
         if self.fits:
             return ""
         options = []
-        if self.packing and self.data and self.data.longest <= self.packing.largest_fitting < self.seq:
-            options.append(f"pack_tokens = {self.packing.largest_fitting} (rows of fewer tokens, more of them)")
+        if self.packing and self.data and self.data.longest <= self.max_row_tokens < self.seq:
+            options.append(f"pack_tokens = {self.max_row_tokens} (rows of fewer tokens, more of them)")
         if not self.packing and 1 <= self.max_batch_size < self.batch_size:
             accum = math.ceil(self.batch_size * self.grad_accum / self.max_batch_size)
             options.append(f"batch_size = {self.max_batch_size} with grad_accum = {accum} (the same examples per "
@@ -165,10 +182,12 @@ class Plan:
             f"  optimizer       {_gb(self.optimizer)}   AdamW: two fp32 moments per trainable value",
             f"  activations     {_gb(self.activations)}   saved for backward at {self.forward_shape} "
             f"({self.checkpointing}); {self.activations_no_checkpointing / GB:.2f} GB without checkpointing",
-            f"  logits          {_gb(self.logits)}   at {self.completions} completion positions (logits, fp32 "
-            "copy, log-softmax)",
+            f"  on the host     {_gb(self.host_activations)}   activations offloaded between forward and backward "
+            "(pinned host memory)" if self.host_activations else None,
+            f"  loss            {_gb(self.logits)}   held until the backward at {self.completions} completion "
+            f"positions ({self.loss_held})",
             f"  temporary peaks {_gb(self.recompute_peak)}   largest layer's recompute; "
-            f"{self.vocabulary_peak / GB:.2f} GB the vocabulary projection",
+            f"{self.vocabulary_peak / GB:.2f} GB the loss over the vocabulary{self.loss_chunks}",
             f"  predicted peak  {_gb(self.peak)}   live tensors"
             + ("" if self.on_gpu else f"; of {self.memory / GB:.2f} GB ({self.memory_source}): "
                + ("fits" if self.fits else "DOES NOT FIT")),
@@ -176,8 +195,10 @@ class Plan:
             "that peak" + (f", with {self.workspace / 2**20:.0f} MiB of BLAS workspace" if self.workspace else "")
             + (f"; of {self.memory / GB:.2f} GB ({self.memory_source}): " + ("fits" if self.fits else "DOES NOT FIT")
                if self.on_gpu else " (were this run on one)"),
-            (f"  largest pack_tokens that fits: {self.packing.largest_fitting:,}" if self.packing else
-             f"  largest batch_size that fits at {self.seq} tokens: {self.max_batch_size}"),
+            f"  largest that fits: batch_size {self.max_batch_size} at {self.batch_tokens} tokens; a packed row of "
+            f"{self.max_row_tokens:,} tokens"
+            + (" (the model's context length: longer rows were not tried)" if self.max_row_tokens >= self.row_limit
+               else ""),
             f"  tokens per optimizer step {self.tokens_per_step:,}"
             + (f" ({self.data.mean_tokens:.0f} per example on average in {self.data.source}, "
                f"{self.data.examples:,} examples); {self.steps_per_epoch:,} steps per epoch"

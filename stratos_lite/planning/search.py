@@ -6,22 +6,33 @@ from __future__ import annotations
 
 
 def largest_row(needed_at, memory: int, known: tuple[int, int], limit: int = 1 << 20) -> int:
-    """The largest packed row (tokens) whose predicted need fits `memory` (0 if none does): doubling from a
-    known point, then bisection to within 1 %. Attention under the math kernel grows as T^2, so no line."""
+    """The largest packed row (tokens) whose predicted need fits `memory` (0 if none does), to within 1 %:
+    doubling from a known point until a row does not fit, then, between the longest that fits and the shortest
+    that does not, the line through their needs (near-straight under a flash kernel; the math kernel's T^2
+    attention bends it) guesses the answer and the row 1 % beyond that guess checks it."""
     tokens, peak = known
-    low, high = (tokens, None) if peak <= memory else (0, tokens)
+    low, high = ((tokens, peak), None) if peak <= memory else ((0, 0), (tokens, peak))
     while high is None:
-        if low >= limit:
+        if low[0] >= limit:
             return limit
-        candidate = min(2 * low, limit)
-        if needed_at(candidate) <= memory:
-            low = candidate
+        candidate = min(2 * low[0], limit)
+        need = needed_at(candidate)
+        low, high = ((candidate, need), None) if need <= memory else (low, (candidate, need))
+    while high[0] - low[0] > (step := max(1, low[0] // 100)):
+        slope = (high[1] - low[1]) / (high[0] - low[0])
+        guess = low[0] + int((memory - low[1]) / slope) if slope > 0 else (low[0] + high[0]) // 2
+        guess = min(max(guess, low[0] + step), high[0] - step)
+        need = needed_at(guess)
+        if need <= memory:
+            low = (guess, need)
+            beyond = min(guess + step, high[0])  # the guess fits: does the row 1 % longer?
         else:
-            high = candidate
-    while high - low > max(1, low // 100):
-        middle = (low + high) // 2
-        low, high = (middle, high) if needed_at(middle) <= memory else (low, middle)
-    return low
+            high = (guess, need)
+            beyond = max(guess - step, low[0])  # it does not: does the row 1 % shorter?
+        if low[0] < beyond < high[0]:
+            need = needed_at(beyond)
+            low, high = ((beyond, need), high) if need <= memory else (low, (beyond, need))
+    return low[0]
 
 
 def largest_batch(needed_at, memory: int, known: tuple[int, int], limit: int = 4096) -> int:

@@ -6,8 +6,8 @@ through the same modules, checkpointing and autocast as a real step, while a dis
 up the bytes of every tensor the step creates and takes them off again when they are freed. So the
 activation figures come from the code that will run, not from a formula that could drift from it.
 
-The completion positions the loss reads are indices found on the CPU with the batch (data/batch.py), so the
-simulation selects them as a real step does, by index_select, only with positions standing in for them.
+The step's loss is the real one (train/loss.py, the vocabulary in chunks of loss_chunk positions), on loss
+positions standing in for the batch's: indices, as a real step's are.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TrainConfig
+from ..data.batch import Batch, LossPositions
 from ..model.dora import dora_layers
+from ..model.offload import HostActivations
 from ..model.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from ..model.vocab_loss import token_cross_entropy
 from ..train.builder import apply_training_settings, prepare_model
 from ..train.device import attention_kernel
+from ..train.loss import example_losses
 from .allocator import CachingAllocator
 
 
@@ -38,17 +41,31 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.now = self.peak = 0
+        self.host_now = self.host_peak = 0  # what went to host memory (offloaded activations), apart
         self.events: list[tuple[int, int]] = []  # (storage number, bytes) when allocated, (number, 0) when freed
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._to_host = False
 
     def mark(self) -> int:
         """Start a new peak measurement from here; returns the bytes held now."""
         self.peak = self.now
         return self.now
 
+    @contextmanager
+    def on_host(self):
+        """What is allocated in this block is host memory: counted apart from the device's."""
+        self._to_host = True
+        try:
+            yield
+        finally:
+            self._to_host = False
+
     def _free(self, number: int, size: int) -> None:
         self.now -= size
         self.events.append((number, 0))
+
+    def _free_host(self, size: int) -> None:
+        self.host_now -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -58,21 +75,47 @@ class LiveBytes(TorchDispatchMode):
                 storage = tensor.untyped_storage()
                 if storage not in self._seen:
                     size = self._seen[storage] = storage.nbytes()
-                    self.now += size
-                    self.peak = max(self.peak, self.now)
-                    self.events.append((len(self.events), size))
-                    weakref.finalize(storage, self._free, self.events[-1][0], size)
+                    self._count(storage, size)
         return out
+
+    def _count(self, storage, size: int) -> None:
+        if self._to_host:
+            self.host_now += size
+            self.host_peak = max(self.host_peak, self.host_now)
+            weakref.finalize(storage, self._free_host, size)
+            return
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        self.events.append((len(self.events), size))
+        weakref.finalize(storage, self._free, self.events[-1][0], size)
+
+
+class CountedHostActivations(HostActivations):
+    """HostActivations as a simulated step holds them: what goes to the host counted as host bytes, what comes
+    back (this one, and the one before it on its way) as device bytes, as on a GPU."""
+
+    def __init__(self, device: torch.device, tracker: LiveBytes):
+        super().__init__(torch.device("cpu"))
+        self.tracker = tracker
+
+    def _copy_out(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.tracker.on_host():
+            return tensor.detach().clone()
+
+    def _copy_in(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return host.clone()
 
 
 @dataclass
 class Activity:
-    """What one simulated micro-batch holds: bytes saved for backward when the forward is done, bytes of
-    the vocabulary projection at the loss, and the step's peak (all on top of the persistent state)."""
+    """What one simulated micro-batch holds: bytes saved for backward when the layers are done, what the loss
+    adds to them until the backward (it may free more than it keeps: the final hidden states go once the
+    completion positions are selected), and the step's peak (all on top of the persistent state)."""
     saved: int
     logits: int
     peak: int
     events: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)  # LiveBytes.events
+    host: int = 0  # the most the step holds in host memory (activations offloaded there)
 
 
 def autocast_for(dtype: torch.dtype):
@@ -80,30 +123,41 @@ def autocast_for(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
 
 
-def simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
-                         dtype: torch.dtype) -> Activity:
-    """Forward and backward of one micro-batch under the live-bytes tracker (inside the FakeTensorMode)."""
-    tracker = LiveBytes()
-    with tracker:
-        ids = torch.zeros(batch, seq, dtype=torch.long)
-        targets = torch.zeros(completions, dtype=torch.long)
-        with autocast_for(dtype):
-            hidden = model.hidden_states(ids)
-            saved = tracker.now
-            selected = hidden.flatten(0, 1).index_select(0, torch.arange(completions))  # as forward(logits_at=)
-            logits = model.lm_head(selected)
-            loss = F.cross_entropy(logits.float(), targets, reduction="none").sum()
-            at_loss = tracker.now
-        del hidden, selected, logits
-        loss.backward()
-        del loss
-    return Activity(saved, at_loss - saved, tracker.peak, tracker.events)
+def simulate_micro_batch(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int, dtype: torch.dtype,
+                         loss_chunk: int = 0) -> Activity:
+    """Forward and backward of one micro-batch through the training loss (train/loss.py), under the
+    live-bytes tracker (inside the FakeTensorMode): `completions` loss positions spread over `batch` rows of
+    `seq` tokens, each example's loss weighted over one denominator as a step does."""
+    tracker, at_hidden = LiveBytes(), []
+    hook = model.model.norm.register_forward_hook(lambda *_: at_hidden.append(tracker.now))
+    offload = model.activation_offload
+    if offload is not None:
+        model.activation_offload = lambda device: CountedHostActivations(device, tracker)
+    try:
+        with tracker:
+            counts = [min(max(completions - row * seq, 0), seq) for row in range(batch)]
+            counts[-1] += completions - sum(counts)
+            examples = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts), output_size=completions)
+            where = LossPositions(torch.arange(completions), torch.zeros(completions, dtype=torch.long), examples,
+                                  torch.tensor(counts))
+            ids = torch.zeros(batch, seq, dtype=torch.long)
+            micro = Batch(ids, ids, torch.ones(batch), torch.full((batch,), seq), loss=where)
+            with autocast_for(dtype):
+                loss = (example_losses(model, micro, loss_chunk) * micro.weight).sum() / batch
+                at_loss = tracker.now
+            loss.backward()
+            del loss
+    finally:
+        hook.remove()
+        model.activation_offload = offload
+    saved = at_hidden[0]  # what the layers keep for backward, when the final norm has run
+    return Activity(saved, at_loss - saved, tracker.peak, tracker.events, tracker.host_peak)
 
 
-def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int,
-                     dtype: torch.dtype) -> tuple[int, int]:
+def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions: int, dtype: torch.dtype,
+                     loss_chunk: int) -> tuple[int, int]:
     """(the largest layer's recompute, the vocabulary projection): forward + backward of one decoder layer
-    (or only its MLP, under the "mlp" policy) and of the vocabulary projection, each alone."""
+    (or only its MLP, under the "mlp" policy) and of the loss over the vocabulary, each alone."""
     config, layer = model.config, model.model.layers[-1]
     activation_dtype = dtype if dtype == torch.bfloat16 else model.model.embed_tokens.weight.dtype
 
@@ -127,8 +181,8 @@ def _temporary_peaks(model: Qwen3ForCausalLM, batch: int, seq: int, completions:
     finally:
         layer.checkpointing = previous
     selected = torch.zeros(completions, config.hidden_size, dtype=activation_dtype, requires_grad=True)
-    vocabulary = peak_of(lambda: F.cross_entropy(model.lm_head(selected).float(),
-                                                 torch.zeros(completions, dtype=torch.long), reduction="none"))
+    vocabulary = peak_of(lambda: token_cross_entropy(selected, model.lm_head.weight,
+                                                     torch.zeros(completions, dtype=torch.long), loss_chunk))
     return recompute, vocabulary
 
 
@@ -168,7 +222,7 @@ class Simulator:
     def __init__(self, model_config: Qwen3Config, config: TrainConfig, device: torch.device, dtype: torch.dtype,
                  attention: str):
         self.mode = FakeTensorMode()
-        self.dtype = dtype
+        self.dtype, self.loss_chunk = dtype, config.loss_chunk
         self.attention_kernel = attention  # the math kernel's probabilities count as activations
         with self.faking():
             self.model = prepare_model(config, device, weights=False, model_config=model_config)
@@ -192,7 +246,7 @@ class Simulator:
             for p in self.trainable:
                 p.grad = torch.zeros_like(p) if with_grads else None
             try:
-                return simulate_micro_batch(self.model, batch, seq, completions, self.dtype)
+                return simulate_micro_batch(self.model, batch, seq, completions, self.dtype, self.loss_chunk)
             finally:
                 for p in self.trainable:
                     p.grad = None
@@ -209,7 +263,7 @@ class Simulator:
 
     def temporary_peaks(self, batch: int, seq: int, completions: int) -> tuple[int, int]:
         with self.faking():
-            return _temporary_peaks(self.model, batch, seq, completions, self.dtype)
+            return _temporary_peaks(self.model, batch, seq, completions, self.dtype, self.loss_chunk)
 
     def reserved_peak(self, events: list[tuple[int, int]], accumulating: bool) -> int:
         """The most PyTorch's caching allocator would reserve (allocator.py) for the persistent tensors,

@@ -28,6 +28,7 @@ from ..config import TrainConfig
 from ..model.compiling import compile_layers
 from ..model.dora import apply_dora, initialise_adapters
 from ..model.folders import load_weights
+from ..model.offload import HostActivations
 from ..model.qwen3 import Qwen3Config, new_model
 from .device import compute_dtype, default_device
 from .fsdp import shard_model
@@ -74,10 +75,11 @@ def prepare_model(config: TrainConfig, device: torch.device | None = None, *, we
 
 
 def apply_training_settings(model: nn.Module, config: TrainConfig, compiled: bool = True) -> None:
-    """Gradient checkpointing with config's policy, and compile (`compiled` False leaves it out: the plan counts
-    the eager step). Applying them again changes nothing."""
+    """Gradient checkpointing with config's policy, activations offloaded to the host or not, and compile
+    (`compiled` False leaves it out: the plan counts the eager step). Applying them again changes nothing."""
     if hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(config.gradient_checkpointing, policy=config.checkpoint_policy)
+        model.activation_offload = HostActivations if config.offload_activations else None
     if config.compile and compiled:
         compile_layers(model)
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..data.batch import Batch, loss_positions
 
 
-def example_losses(model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
+def example_losses(model: Callable[..., torch.Tensor], batch: Batch, loss_chunk: int = 0) -> torch.Tensor:
     """Mean token cross-entropy over each example's completion, one value per example of the batch.
 
-    Only completion positions go through the vocabulary projection (most of a prompt never needs logits).
-    A batch without its loss positions has them found here, on its own device."""
+    Only completion positions go through the vocabulary projection (most of a prompt never needs logits), and
+    `loss_chunk` of them at a time (TrainConfig.loss_chunk; 0: all at once). A batch without its loss
+    positions has them found here, on its own device."""
     where = batch.loss or loss_positions(batch)
-    logits = model(batch.input_ids, logits_at=where.positions, position_ids=batch.position_ids,
-                   attention_mask=batch.segments)
-    token_losses = F.cross_entropy(logits.float(), where.targets, reduction="none")
+    token_losses = model(batch.input_ids, logits_at=where.positions, targets=where.targets, loss_chunk=loss_chunk,
+                         position_ids=batch.position_ids, attention_mask=batch.segments)
     if torch.are_deterministic_algorithms_enabled():  # TrainConfig.deterministic: no atomic adds on a GPU
         sums = torch.segment_reduce(token_losses, "sum", lengths=where.counts, unsafe=True)
     else:

@@ -174,7 +174,7 @@ class Trainer:
             with (strategy.gradient_sync(last=index == len(micro_batches) - 1),
                   attention_kernel(config.attention_kernel)):
                 with self._autocast():  # the forward only: autocast is not meant to wrap a backward
-                    per_example = example_losses(strategy.forward, mb)
+                    per_example = example_losses(strategy.forward, mb, config.loss_chunk)
                     loss = (per_example * mb.weight).sum() / denominator
                 if self.release_heap:  # once the forward's temporaries are freed, before the backward allocates
                     loss.register_hook(lambda grad: release_free_memory())
@@ -285,7 +285,7 @@ class Trainer:
             batch = collate([dataset[i] for i in indices[start:start + config.batch_size]], self.pad_id)
             batch = batch.with_loss_positions().to(self.device)
             with self._autocast():
-                per_example = example_losses(self.model, batch)
+                per_example = example_losses(self.model, batch, config.loss_chunk)
             total += float((per_example * batch.weight).sum())
             weight_sum += float(batch.weight.sum())
         self.model.train(was_training)
@@ -368,7 +368,7 @@ class Trainer:
         def run_forwards():  # all of them: sharded ranks must run the same forwards
             for mb in micro_batches:
                 with self._autocast():
-                    example_losses(self.model, self._on_device(mb))
+                    example_losses(self.model, self._on_device(mb), self.config.loss_chunk)
 
         bad_parameter = first_nonfinite_gradient(self.model, self.params, self.strategy.local)
         report = diagnosis(step, loss, grad_norm, bad_parameter, first_nonfinite_module(self.model, run_forwards),
