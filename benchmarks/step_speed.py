@@ -129,6 +129,7 @@ def rss() -> int:
 def ours(shape: dict, seq: int, dtype: torch.dtype, steps: int, out_dir: str, settings: dict) -> tuple[list, dict]:
     """Our model built on the device in `dtype`, DoRA on it, planned, then trained: (step seconds, plan)."""
     import stratos_lite as sl
+    from stratos_lite.model.nf4 import quantize_base
     from stratos_lite.model.qwen3 import new_model
     from stratos_lite.planning.report import DataShape
 
@@ -136,6 +137,8 @@ def ours(shape: dict, seq: int, dtype: torch.dtype, steps: int, out_dir: str, se
     with torch.device(device()):
         model = new_model(sl.Qwen3Config(**shape), dtype)
     sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
+    if settings.get("base_quant") == "nf4":
+        quantize_base(model)  # the random weights, quantized where they lie
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,
                             dtype=str(dtype).removeprefix("torch."), gradient_checkpointing=True,
                             band_sampling=False, verify_batches=0, save_every=10**9, progress=False, **settings)

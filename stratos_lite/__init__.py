@@ -1,9 +1,9 @@
 """stratos_lite: fine-tune Qwen3 with DoRA in plain PyTorch and ship it as GGUF.
 
-    load_pretrained / apply_dora / ScoredDataset / TrainConfig / Trainer     train (plan() first: will it fit?)
+    load_pretrained / apply_dora (or apply_lora) / ScoredDataset / TrainConfig / Trainer   train (plan() first)
     prepare_model                                                            the model a TrainConfig trains
     evaluate (TorchEngine, LlamaCppEngine)                                   score by generation, and the GGUF
-    save_adapter / merge_dora / save_pretrained / export_gguf                ship: PEFT, HF folder, GGUF
+    save_adapter / merge_adapters / save_pretrained / export_gguf (or export_lora_gguf)   ship: PEFT, HF folder, GGUF
     format_quant_table / smallest_within                                     which GGUF quant to ship
 
 The `stratos-lite` command runs the same as subcommands (stratos_lite/commands).
@@ -19,11 +19,14 @@ from .evaluation.engines import EngineError, LlamaCppEngine, TorchEngine
 from .evaluation.evaluate import evaluate
 from .evaluation.predictions import Prediction, read_predictions
 from .export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from .export.lora_gguf import export_lora_gguf
 from .export.quant_choice import format_quant_table, smallest_within
 from .export.quant_types import QuantFallbackWarning
-from .model.dora import AdapterSummary, DoRALinear, adapters_disabled, apply_dora, merge_dora
+from .model.dora import DoRALinear, apply_dora, merge_dora
 from .model.folders import load_model, load_pretrained, save_pretrained
 from .model.generate import generate
+from .model.lora import AdapterSummary, LoRALinear, adapters_disabled, apply_lora, merge_adapters
+from .model.nf4 import NF4Linear, quantize_base
 from .model.peft_files import load_adapter, save_adapter
 from .model.qwen3 import KVCache, Qwen3Config, Qwen3ForCausalLM
 from .model.tokenizer import Message, Tokenizer, render_completion, render_prompt, train_chatml_tokenizer
@@ -53,9 +56,11 @@ __all__ = [
     "Interrupted",
     "KVCache",
     "LlamaCppEngine",
+    "LoRALinear",
     "LockError",
     "Message",
     "ModelFileError",
+    "NF4Linear",
     "NonFiniteError",
     "ParsedScore",
     "Plan",
@@ -73,20 +78,24 @@ __all__ = [
     "WriteError",
     "adapters_disabled",
     "apply_dora",
+    "apply_lora",
     "collate",
     "compute_dtype",
     "evaluate",
     "export_gguf",
     "export_gguf_from_folder",
+    "export_lora_gguf",
     "format_quant_table",
     "generate",
     "load_adapter",
     "load_model",
     "load_pretrained",
+    "merge_adapters",
     "merge_dora",
     "parse_completion",
     "plan",
     "prepare_model",
+    "quantize_base",
     "read_predictions",
     "render_completion",
     "render_prompt",

@@ -15,8 +15,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model.dora import DEFAULT_TARGETS
+from .model.lora import DEFAULT_TARGETS
 from .storage.files import read_toml
+
+ADAPTER_NAMES = {"dora": "DoRA", "lora": "LoRA"}  # each adapter mode, as reports name it
 
 
 @dataclass
@@ -26,12 +28,18 @@ class TrainConfig:
     train_data: str = ""
     eval_data: str = ""
     out_dir: str = "runs/train"
-    # Adapter: "dora" wraps the targets; "full" trains every parameter.
+    # Adapter: "dora" or "lora" wraps the targets (DoRA: LoRA plus a trained magnitude per row); "full" trains
+    # every parameter.
     mode: str = "dora"
     rank: int = 16
     alpha: float = 32.0
+    rslora: bool = False  # scale the update by alpha / sqrt(rank) (rsLoRA; PEFT's use_rslora) instead of alpha / rank
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # The frozen base under the adapter: "none" keeps it in the compute dtype; "nf4" holds each target linear's
+    # weight in 4 bits (QLoRA's NormalFloat, model/nf4.py), quantized while loading and dequantized a layer at a
+    # time as it computes. Embeddings, norms and the output projection stay in the compute dtype.
+    base_quant: str = "none"
     # Data.
     max_len: int = 1024
     band_sampling: bool = True
@@ -109,12 +117,24 @@ class TrainConfig:
                 raise ConfigError(spec.name, problem)
             if spec.type == "float":  # an integer written for a float setting (lr = 1) is that float
                 setattr(self, spec.name, float(value))
+        self._check_base_quant()
         if self.compile and self.strategy == "fsdp":
             raise ConfigError("compile", "setting 'compile' = true runs with strategy 'ddp' (one process or "
                                          "several), not 'fsdp'")
         if self.compile and self.heap_release == "layers":
             raise ConfigError("compile", "setting 'compile' = true needs heap_release 'off' or 'steps': 'layers' "
                                          "hooks into every layer, which a compiled layer cannot call out to")
+
+    def _check_base_quant(self) -> None:
+        if self.base_quant == "none":
+            return
+        if self.mode == "full":
+            raise ConfigError("base_quant", f"setting 'base_quant' = {self.base_quant!r} quantizes the frozen base "
+                                            "under an adapter; mode 'full' trains every weight: use mode 'dora'")
+        if self.strategy == "fsdp":
+            raise ConfigError("base_quant", f"setting 'base_quant' = {self.base_quant!r} runs with strategy 'ddp': "
+                                            "FSDP shards parameters, and a 4-bit base is held in buffers of codes it "
+                                            "does not shard (4-bit 8B fits one 12 GB card whole)")
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -205,11 +225,12 @@ _POSITIVE = (lambda v: v > 0, "> 0")
 _POSITIVE_FINITE = (lambda v: 0 < v < math.inf, "> 0 and finite")
 _RANGES = {
     "out_dir": (bool, "not empty"),
-    "mode": _one_of("dora", "full"),
+    "mode": _one_of("dora", "lora", "full"),
     "rank": _at_least(1),
     "alpha": _POSITIVE_FINITE,
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "targets": (bool, "not empty"),
+    "base_quant": _one_of("none", "nf4"),
     "max_len": _at_least(8),
     "pack_tokens": (lambda v: v is None or v >= 1, ">= 1 and at least the longest example (unset: batch_size x "
                     "max_len)"),

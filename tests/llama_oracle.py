@@ -15,14 +15,30 @@ def _open(path, **options):
     return Llama(model_path=str(path), verbose=False, n_threads=2, **options)
 
 
-def logits(path, tokens: list[int], f32_cache: bool) -> np.ndarray:
-    """llama.cpp's logits at every position of `tokens`, shape (len(tokens), vocab)."""
+def logits(path, tokens: list[int], f32_cache: bool, lora=None) -> np.ndarray:
+    """llama.cpp's logits at every position of `tokens`, shape (len(tokens), vocab); with `lora`, that adapter
+    GGUF applied over the model as llama.cpp's --lora applies it."""
     options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
+    if lora:
+        options["lora_path"] = str(lora)
     llm = _open(path, n_ctx=128, n_batch=128, logits_all=True, **options)
     llm.eval(tokens)
     scores = np.array(llm.scores[: len(tokens)])
     llm.close()
     return scores
+
+
+def greedy(path, tokens: list[int], count: int, lora=None) -> list[int]:
+    """`count` tokens llama.cpp decodes greedily after `tokens` (f32 KV cache), with a LoRA adapter GGUF or not."""
+    options = {"lora_path": str(lora)} if lora else {}
+    llm = _open(path, n_ctx=128, type_k=0, type_v=0, **options)
+    generated = []
+    for token in llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        generated.append(token)
+        if len(generated) == count:
+            break
+    llm.close()
+    return generated
 
 
 def tokenize(path, texts: list[str], special: bool) -> list[list[int]]:

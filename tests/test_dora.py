@@ -9,7 +9,8 @@ from conftest import tiny_config, write_hf_checkpoint
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.model.dora import DoRALinear, adapters_disabled, apply_dora, merge_dora
+from stratos_lite.model.dora import DoRALinear, apply_dora, merge_dora
+from stratos_lite.model.lora import adapters_disabled
 from stratos_lite.model.peft_files import load_adapter, save_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -158,7 +159,7 @@ def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_config())
     model = sl.load_model(tmp_path, dtype=torch.float32)
     apply_dora(model, rank=2, alpha=4)
-    with pytest.raises(sl.ModelFileError, match="merge_dora"):
+    with pytest.raises(sl.ModelFileError, match="merge_adapters"):
         sl.save_pretrained(model, None, tmp_path / "out")
 
 
@@ -188,9 +189,11 @@ def test_adapter_with_unknown_target_modules(tmp_path):
         load_adapter(sl.load_model(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter")
 
 
-def test_plain_lora_adapter_is_refused(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": False}))
-    with pytest.raises(sl.ModelFileError, match="use_dora true"):
+@pytest.mark.parametrize("config, problem", [({"peft_type": "IA3"}, "peft_type LORA"),
+                                             ({"peft_type": "LORA", "use_dora": False}, "needs r, lora_alpha")])
+def test_an_adapter_config_of_another_kind_is_refused(tmp_path, config, problem):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(sl.ModelFileError, match=problem):
         load_adapter(nn.Linear(2, 2), tmp_path)
 
 
@@ -226,7 +229,7 @@ def test_inference_path_equals_training_path():
 
 
 def test_adapter_dropout_keeps_the_right_share_and_rescales():
-    from stratos_lite.model.dora import adapter_dropout
+    from stratos_lite.model.lora import adapter_dropout
 
     torch.manual_seed(0)
     x = torch.ones(400, 500)

@@ -14,7 +14,7 @@ from train_child import save_base
 import stratos_lite as sl
 from stratos_lite.planning.planner import count_parameters
 from stratos_lite.planning.report import DataShape
-from stratos_lite.planning.simulator import LiveBytes, Simulator, simulate_micro_batch
+from stratos_lite.planning.simulator import LiveBytes, Simulator, held_tensors, simulate_micro_batch
 from stratos_lite.train.builder import apply_training_settings
 from stratos_lite.train.device import attention_kernel
 
@@ -31,6 +31,8 @@ SETTINGS = [
     dict(mode="full", dtype="float32", checkpoint_policy="layer", attention_kernel="math"),
     dict(mode="dora", dtype="bfloat16", checkpoint_policy="mlp", loss_chunk=7),  # the vocabulary 7 at a time
     dict(mode="full", dtype="float32", checkpoint_policy="mlp", loss_chunk=5),
+    dict(mode="dora", dtype="bfloat16", checkpoint_policy="mlp", base_quant="nf4"),  # dequantized per layer
+    dict(mode="lora", dtype="bfloat16", checkpoint_policy="layer", base_quant="nf4", rslora=True),  # QLoRA
 ]
 ONE_STEP_SETTINGS = SETTINGS[:4] + SETTINGS[5:]
 
@@ -82,7 +84,7 @@ def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     data = DataShape(examples=8, longest=seq, longest_completion=completion, mean_tokens=seq, source="test")
     predicted = sl.plan(config, model_config=TINY, data=data, memory="1GB")
     model = real_model(config)
-    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident = sum(p.numel() * p.element_size() for p in held_tensors(model))  # a 4-bit base's codes too
     tracker = LiveBytes()
     with tracker:
         sl.Trainer(model, synthetic_examples(8, seq, completion), config).train()

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
-from ..export.gguf_file import QUANTS, export_gguf_from_folder
+from ..export.gguf_file import QUANTS, ExportError, export_gguf_from_folder
+from ..export.lora_gguf import ADAPTER_TYPES, export_lora_gguf
 from ..export.modelfile import write_modelfile
 from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
+from ..model.folders import folder_dtype, load_pretrained_with_adapter
 from ._command import Command
 from .evaluate import add_model_arguments, load_model_of
 
@@ -27,6 +29,14 @@ at the chosen one):
         --quant q8_0,q6_k,q4_k_m --eval-data data/eval.jsonl
 
 --dtype and --device apply to the torch model scored beside the files.
+
+A LoRA adapter can ship as an adapter instead: a llama.cpp adapter GGUF of a few MB that llama.cpp (--lora)
+and Ollama (ADAPTER) apply over the base model's GGUF, exported once for every variant; the Modelfile beside
+the adapter says FROM the base and ADAPTER the adapter (a DoRA adapter cannot ship this way: merge it):
+
+    stratos-lite export --model models/base --out models/base-q8_0.gguf
+    stratos-lite export --model models/base --adapter runs/v2/adapter --adapter-only \
+        --base-gguf models/base-q8_0.gguf --out runs/v2/adapter.gguf
 """
 
 
@@ -53,6 +63,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="how far below the torch model's Spearman a file may score and still be chosen")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="write --adapter (LoRA) as a llama.cpp adapter GGUF, not merged into the model")
+    parser.add_argument("--base-gguf", help="with --adapter-only: the base model's GGUF the adapter goes over "
+                                            "(checked against it, and named by the Modelfile's FROM)")
+    parser.add_argument("--adapter-dtype", default="f16", choices=list(ADAPTER_TYPES),
+                        help="with --adapter-only: the adapter's tensors in f16 or f32")
 
 
 def output_paths(out: str | Path, quants: list[str]) -> list[Path]:
@@ -63,8 +79,20 @@ def output_paths(out: str | Path, quants: list[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}-{quant}{out.suffix or '.gguf'}") for quant in quants]
 
 
+def _export_adapter(args: argparse.Namespace, system: str | None) -> None:
+    if not args.adapter or not args.base_gguf:
+        raise ExportError("--adapter-only writes an adapter: give --adapter (a LoRA adapter folder) and --base-gguf "
+                          "(the base model's GGUF: stratos-lite export --model FOLDER --out BASE.gguf)")
+    model, _ = load_pretrained_with_adapter(args.model, args.adapter, folder_dtype(args.model))
+    path = export_lora_gguf(model, args.out, args.base_gguf, args.adapter_dtype, args.name, system)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_name('Modelfile')} "
+          f"(FROM {args.base_gguf}, ADAPTER ./{path.name})")
+
+
 def _main(args: argparse.Namespace) -> None:
     system = None if args.no_system else SYSTEM_PROMPT
+    if args.adapter_only:
+        return _export_adapter(args, system)
     paths = output_paths(args.out, args.quant)
     for quant, path in zip(args.quant, paths, strict=True):
         export_gguf_from_folder(args.model, path, args.adapter, quant, name=args.name, modelfile=False)

@@ -3,9 +3,10 @@
 data -> the profile-blind base (the report's V1: a small Qwen3 fully fine-tuned on profile-blind labels,
 shipped in stratos_lite/demo/shipped_base/, or trained here with vendored_base = false; base.py) -> DoRA
 phase (the report's recipe: band sampling, loss weights, accumulation, cosine, clipping, checkpoints) ->
-q8_0 and q4_k_m GGUFs (exported from the unmerged model) -> evaluation with the adapters off and on, and
-of each GGUF in llama.cpp when it is installed, with the smallest file that scores as the model does
-chosen for the Modelfile -> merged HF folder.
+q8_0 and q4_k_m GGUFs (exported from the unmerged model; with mode "lora" also the adapter as a llama.cpp
+adapter GGUF over the base's q8_0) -> evaluation with the adapters off and on, and of each GGUF in llama.cpp
+when it is installed, with the smallest file that scores as the model does chosen for the Modelfile -> merged
+HF folder.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from pathlib import Path
 
 import torch
 
+from ..config import ADAPTER_NAMES
 from ..data.dataset import ScoredDataset
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
-from ..export.gguf_file import export_gguf
+from ..export.gguf_file import export_gguf, export_gguf_from_folder
+from ..export.lora_gguf import export_lora_gguf
 from ..export.modelfile import write_modelfile
 from ..export.quant_choice import SPEARMAN_TOLERANCE, smallest_within
-from ..model.dora import adapters_disabled, merge_dora, summarize
-from ..model.folders import save_pretrained
+from ..model.folders import load_pretrained_with_adapter, save_pretrained
+from ..model.lora import adapters_disabled, merge_adapters, summarize
 from ..model.tokenizer import Tokenizer
 from ..storage.atomic import write_text
 from ..train.builder import prepare_model
@@ -75,37 +78,41 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     model = prepare_model(dora_cfg, torch.device("cpu"))
     print(summarize(model))
     result = Trainer(model, train_data, dora_cfg, pad_id=tokenizer.pad_id).train()
-    lap("DoRA phase")
+    lap(f"{ADAPTER_NAMES[dora_cfg.mode]} phase")
 
     model.eval()
     # Exported from the unmerged model (DoRA is merged block by block on the way out), so that the
-    # evaluation can still switch the adapters off, and can score the shipped files beside the model.
-    ggufs = [export_gguf(model, tokenizer, out / f"scorer-{quant}.gguf", quant=quant, name="stratos-demo-scorer",
+    # evaluation can still switch the adapters off, and can score the shipped files beside the model. A 4-bit
+    # base (base_quant "nf4") is not what ships: the adapter goes into the base folder's own weights.
+    shipping = model if dora_cfg.base_quant == "none" else load_pretrained_with_adapter(
+        out / "base_model", out / "dora" / "adapter", dtype=model.model.embed_tokens.weight.dtype)[0]
+    ggufs = [export_gguf(shipping, tokenizer, out / f"scorer-{quant}.gguf", quant=quant, name="stratos-demo-scorer",
                          modelfile=False) for quant in config.export["quants"]]
     write_modelfile(ggufs[0], SYSTEM_PROMPT)  # the served-prompt checks read it; it follows the choice below
+    pairs = [ship_lora_adapter(model, out, config.export["quants"][0])] if dora_cfg.mode == "lora" else []
     lap("GGUF export")
 
     settings = dict(batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
     with adapters_disabled(model):
         before = evaluate(model, tokenizer, paths["eval"], out / "eval_before", compare_adapters_off=False,
                           spread_articles=config.eval["spread_articles"], **settings)
-    shipped = ggufs if importlib.util.find_spec("llama_cpp") else []  # llama.cpp is an optional extra
+    in_llama_cpp = importlib.util.find_spec("llama_cpp") is not None  # llama.cpp is an optional extra
     after = evaluate(model, tokenizer, paths["eval"], out / "eval", baseline=out / "eval_before" / "predictions.jsonl",
                      spread_articles=config.eval["spread_articles"], labels=("adapters off", "adapters on"),
-                     gguf=shipped, **settings)
+                     gguf=ggufs if in_llama_cpp else [], gguf_lora=pairs if in_llama_cpp else [], **settings)
     choice = smallest_within(after)
     gguf_path = choice.path if choice else ggufs[0]
     write_modelfile(gguf_path, SYSTEM_PROMPT)
     lap("evaluation")
 
-    merge_dora(model)
-    save_pretrained(model, tokenizer, out / "merged")
+    merge_adapters(shipping)
+    save_pretrained(shipping, tokenizer, out / "merged")
     lap("merge")
 
     summary = {"timings_s": timings, "total_s": sum(timings.values()), "train_steps": result.steps,
                "final_loss": result.final_loss, "mean_training_score": _mean_score(train_data),
                "before": _headline(before), "after": _headline(after),
-               "gguf": {name: _headline(row) for name, row in after.get("engines", {}).items()},
+               "gguf": {_column(name, row): _headline(row) for name, row in after.get("engines", {}).items()},
                "paths": {"data": str(out / "data"), "base_model": str(out / "base_model"),
                          "dora_run": str(out / "dora"), "adapter": str(out / "dora" / "adapter"),
                          "eval_report": str(out / "eval" / "eval_report.md"), "merged": str(out / "merged"),
@@ -117,13 +124,25 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     return summary
 
 
+def ship_lora_adapter(model, out: Path, quant: str) -> tuple[Path, Path]:
+    """A LoRA run ships as an adapter too: the base folder's GGUF once (out/base-QUANT.gguf) and the adapter
+    over it (out/lora/adapter-f16.gguf, with a Modelfile saying FROM the base and ADAPTER the adapter)."""
+    base = export_gguf_from_folder(out / "base_model", out / f"base-{quant}.gguf", quant=quant, modelfile=False)
+    return base, export_lora_gguf(model, out / "lora" / "adapter-f16.gguf", base, system_prompt=SYSTEM_PROMPT)
+
+
+def _column(name: str, engine: dict) -> str:
+    """A GGUF's column in the summary: its file name, or for a base with an adapter over it, what it is."""
+    return f"{Path(engine['file']).stem.removeprefix('base-')} + adapter" if "lora" in engine else name
+
+
 def _headline(result: dict) -> dict:
     keys = ("direction_accuracy", "mae", "spearman", "psr", "think_empty_rate", "parse_failures", "examples",
             "examples_per_s")
     spreads = result.get("spread_check", [])
     headline = {k: result[k] for k in keys}
-    if "file" in result:
-        headline["size_mb"] = Path(result["file"]).stat().st_size / 1e6
+    if "file" in result:  # a base with an adapter over it: what each variant adds is the adapter file
+        headline["size_mb"] = Path(result.get("lora", result["file"])).stat().st_size / 1e6
     if "agreement" in result:
         headline["agreement_within_0_5"] = result["agreement"]["within_0_5"]
         headline["prompt_checks_failed"] = sum(not c["ok"] for c in result["prompt_checks"])
@@ -184,7 +203,7 @@ def next_steps(paths: dict[str, str]) -> list[str]:
     held_out = json.loads((Path(paths["data"]) / "eval.jsonl").read_text().splitlines()[0])  # one it never saw
     quoted = {key: shlex.quote(held_out[key]) for key in ("profile", "title", "article")}
     return [
-        f"made: a DoRA adapter on a small Qwen3, a merged model folder, and GGUF files with an Ollama Modelfile "
+        f"made: an adapter on a small Qwen3, a merged model folder, and GGUF files with an Ollama Modelfile "
         f"({gguf.name}).",
         "next:",
         f"  stratos-lite score --model {paths['merged']} --dtype float32 --profile {quoted['profile']} "

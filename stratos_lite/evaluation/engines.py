@@ -50,23 +50,31 @@ def import_llama_cpp():
     return llama_cpp
 
 
+def gguf_column(path: str | Path, lora: str | Path | None = None) -> str:
+    """How a GGUF file (with a LoRA adapter file over it) is named in reports: "base.gguf + adapter.gguf"."""
+    return Path(path).name + (f" + {Path(lora).name}" if lora else "")
+
+
 class LlamaCppEngine:
     """Greedy decoding of a GGUF file in llama.cpp, one prompt at a time. Prompts are sorted so that each
     shares the longest possible prefix with the one before (the system prompt at least), which llama.cpp
     keeps in its KV cache instead of evaluating again."""
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, name: str | None = None,
-                 f32_cache: bool = False, n_gpu_layers: int | None = None):
+                 f32_cache: bool = False, n_gpu_layers: int | None = None, lora: str | Path | None = None):
         llama_cpp = import_llama_cpp()
         self.path = Path(path)
-        if not self.path.is_file():
-            raise EngineError(f"{self.path}: no such GGUF file")
+        for file in (self.path, *([Path(lora)] if lora else [])):
+            if not file.is_file():
+                raise EngineError(f"{file}: no such GGUF file")
         options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
         if n_gpu_layers is None:  # every layer on the GPU when llama.cpp was built with CUDA, ROCm, Metal...
             n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        if lora:  # a LoRA adapter GGUF applied over the model at load time, at its own alpha / rank
+            options["lora_path"] = str(lora)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, verbose=False,
                                    n_gpu_layers=n_gpu_layers, **options)
-        self.name = name or self.path.name
+        self.name = name or gguf_column(self.path, lora)
 
     def complete(self, prompts: Sequence[list[int]], max_new_tokens: int, stop_ids: Sequence[int],
                  progress: bool = False) -> list[list[int]]:

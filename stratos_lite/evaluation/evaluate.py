@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.records import ParsedRecord
-from ..model.dora import adapters_disabled
+from ..model.lora import adapters_disabled
 from ..storage.atomic import write_text
 from ..train.metrics_log import log_generation_metrics
-from .engines import LlamaCppEngine, TorchEngine
+from .engines import LlamaCppEngine, TorchEngine, gguf_column
 from .metrics import agreement, metrics, spread_check
 from .predictions import Prediction, load_eval_records, predict, read_predictions, write_predictions
 from .report import bands_markdown, engines_markdown, report_markdown, write_charts
@@ -22,21 +22,23 @@ from .serving import served_prompt_checks
 
 def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], reference: Sequence[Prediction],
                   out_dir: Path, max_new_tokens: int = 160, threshold: float = 5.0, progress: bool = True,
-                  **engine_options) -> tuple[dict, list[Prediction]]:
-    """The same records through llama.cpp: its predictions (also written to predictions_<file stem>.jsonl)
-    and their metrics, throughput, agreement with `reference` (the torch model's predictions) and the
-    served-prompt checks."""
+                  lora: str | Path | None = None, **engine_options) -> tuple[dict, list[Prediction]]:
+    """The same records through llama.cpp (the file `path`, with the LoRA adapter file `lora` over it when
+    given): its predictions (also written to predictions_<file stem>[+<adapter stem>].jsonl) and their metrics,
+    throughput, agreement with `reference` (the torch model's predictions) and the served-prompt checks (of
+    the Modelfile beside the adapter, or beside the file)."""
     path = Path(path)
-    engine = LlamaCppEngine(path, **engine_options)
+    engine = LlamaCppEngine(path, lora=lora, **engine_options)
     try:
-        modelfile = path.with_name("Modelfile")
+        modelfile = Path(lora or path).with_name("Modelfile")
         checks = served_prompt_checks(engine.llm, tokenizer, records[0].messages,
                                       modelfile if modelfile.is_file() else None)
         predictions, rate = predict(engine, tokenizer, records, max_new_tokens, progress)
     finally:
         engine.close()
-    write_predictions(predictions, out_dir / f"predictions_{path.stem}.jsonl")
+    write_predictions(predictions, out_dir / f"predictions_{path.stem}{'+' + Path(lora).stem if lora else ''}.jsonl")
     summary = {**metrics(predictions, threshold), "examples_per_s": rate, "file": str(path),
+               **({"lora": str(lora)} if lora else {}),
                "agreement": agreement(predictions, reference), "prompt_checks": [c.to_dict() for c in checks]}
     return summary, predictions
 
@@ -45,14 +47,17 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
              compare_adapters_off: bool = True, spread_articles: int = 5, threshold: float = 5.0,
              batch_size: int = 16, max_new_tokens: int = 160, limit: int = 0, progress: bool = True,
              labels: tuple[str, str] = ("baseline", "model"), gguf: Sequence[str | Path] = (),
-             gguf_options: dict | None = None, tensorboard: str | Path | None = None, step: int = 0) -> dict:
+             gguf_lora: Sequence[tuple[str | Path, str | Path]] = (), gguf_options: dict | None = None,
+             tensorboard: str | Path | None = None, step: int = 0) -> dict:
     """Evaluate `model` on an eval JSONL; write predictions.jsonl, metrics.json and eval_report.md.
 
     compare_adapters_off: also score the profile-awareness articles with the adapters disabled (the base
     model), side by side. baseline: a predictions.jsonl of another model for a two-column report, whose
     columns are headed by `labels` (baseline, this model). gguf: exported files to run through llama.cpp
     on the same prompts, each a column of the report beside the torch model, with its agreement and the
-    check of the prompts servers will build from it (`gguf_options` go to LlamaCppEngine). tensorboard: a
+    check of the prompts servers will build from it (`gguf_options` go to LlamaCppEngine). gguf_lora: (base
+    GGUF, LoRA adapter GGUF) pairs, each scored as one more such column, the adapter applied at load time as
+    llama.cpp and Ollama serve it. tensorboard: a
     folder (a run's out_dir/tensorboard) to add every column's metrics to as scalars at `step`.
 
     Returns the metrics of the model (the dict written to metrics.json), with the GGUF columns under
@@ -67,10 +72,10 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     result["examples_per_s"] = rate
     columns = {labels[1]: predictions}
     engines: dict[str, dict] = {}
-    for path in gguf:
-        name = Path(path).name
+    for path, lora in [*((path, None) for path in gguf), *gguf_lora]:
+        name = gguf_column(path, lora)
         engines[name], columns[name] = evaluate_gguf(path, tokenizer, records, predictions, out, max_new_tokens,
-                                                     threshold, progress, **(gguf_options or {}))
+                                                     threshold, progress, lora, **(gguf_options or {}))
     charts = write_charts(out, columns)
     others: dict[str, Sequence[Prediction]] = {}
     baseline_metrics = None

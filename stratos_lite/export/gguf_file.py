@@ -1,7 +1,7 @@
 """Write a Qwen3 model straight to GGUF (f32, f16, bf16, q8_0, q6_k, q5_k_m or q4_k_m) for llama.cpp and
 Ollama, in one pass.
 
-Tensor by tensor: each weight is taken from the model (DoRA layers merged on the fly), quantized, written
+Tensor by tensor: each weight is taken from the model (LoRA or DoRA layers merged on the fly), quantized, written
 and dropped before the next is made, so memory stays near the model plus one tensor. The `gguf` package
 provides the container and its constants; q8_0 is computed here in torch, byte-identical to
 `gguf.quants.quantize`, and the K-quants in kquants.py, byte-identical to llama.cpp's quantizer, with the
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.dora import DoRALinear, rows_per_block
 from ..model.folders import folder_dtype, load_pretrained_with_adapter
+from ..model.lora import QUANTIZED_BASE_MERGE, LoRALinear, has_quantized_base, rows_per_block
 from ..model.qwen3 import Qwen3ForCausalLM
 from ..model.tokenizer import Tokenizer
 from ..storage.atomic import staged_file
@@ -49,12 +49,12 @@ class ExportError(ValueError):
 # q8_0 -----------------------------------------------------------------------------------------------------
 
 class RowBlocks:
-    """A 2-D weight handed out a block of rows at a time: a plain tensor's rows, or a DoRA layer's merged
+    """A 2-D weight handed out a block of rows at a time: a plain tensor's rows, or an adapter layer's merged
     rows, computed only when the writer reaches them."""
 
     def __init__(self, shape: tuple[int, ...], rows: Callable[[int, int], torch.Tensor], block_rows: int = 0):
         self.shape, self.rows = shape, rows
-        # DoRA merges use the same blocks (dora.rows_per_block), so streamed and merged values agree bit for bit.
+        # Adapter merges use the same blocks (lora.rows_per_block), so streamed and merged values agree bit for bit.
         self.block_rows = block_rows or (rows_per_block(shape[-1]) if len(shape) == 2 else shape[0])
 
     @classmethod
@@ -63,7 +63,7 @@ class RowBlocks:
 
     @classmethod
     def of(cls, module: nn.Module) -> RowBlocks:
-        if isinstance(module, DoRALinear):
+        if isinstance(module, LoRALinear):
             return cls(tuple(module.base_layer.weight.shape), module.merged_rows)
         return cls.of_tensor(module.weight.detach())
 
@@ -248,11 +248,13 @@ def _stream(plan: list[PlannedTensor], qtypes: list[gguf.GGMLQuantizationType]) 
 @torch.no_grad()
 def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path, quant: str = "q8_0",
                 name: str = "stratos-qwen3", system_prompt: str | None = None, modelfile: bool = True) -> Path:
-    """Write `model` (DoRA layers merged tensor by tensor) and its tokenizer to a GGUF file at `path`."""
+    """Write `model` (adapter layers merged tensor by tensor) and its tokenizer to a GGUF file at `path`."""
     if quant not in QUANTS:
         raise ExportError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if not isinstance(model, Qwen3ForCausalLM):
         raise ExportError(f"only Qwen3ForCausalLM exports (architecture qwen3), got {type(model).__name__}")
+    if has_quantized_base(model):
+        raise ExportError(QUANTIZED_BASE_MERGE)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(model)
@@ -283,7 +285,7 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, tokenizer: Tok
 
 def export_gguf_from_folder(model_dir: str | Path, path: str | Path, adapter: str | Path | None = None,
                             quant: str = "q8_0", **options) -> Path:
-    """The same from an HF folder (and an optional DoRA adapter, merged tensor by tensor while writing).
+    """The same from an HF folder (and an optional LoRA or DoRA adapter, merged tensor by tensor while writing).
     The weights are memory-mapped in their stored dtype, so nothing is converted ahead of time."""
     model, tokenizer = load_pretrained_with_adapter(model_dir, adapter, dtype=folder_dtype(model_dir))
     return export_gguf(model, tokenizer, path, quant, **options)

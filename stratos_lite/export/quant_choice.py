@@ -34,11 +34,12 @@ class QuantScore:
 
 
 def quant_scores(result: dict) -> list[QuantScore]:
-    """A row per GGUF file that `evaluate` scored, smallest file first."""
+    """A row per whole GGUF file that `evaluate` scored, smallest file first (a base with a LoRA adapter file
+    over it is a pair, not a quant of the model, and is left out)."""
     rows = [QuantScore(Path(engine["file"]), Path(engine["file"]).stat().st_size, engine["examples_per_s"],
                        engine["spearman"], engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
                        engine["agreement"]["within_0_5"])
-            for engine in result.get("engines", {}).values()]
+            for engine in result.get("engines", {}).values() if "lora" not in engine]
     return sorted(rows, key=lambda row: row.size_bytes)
 
 

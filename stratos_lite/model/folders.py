@@ -19,7 +19,8 @@ from torch import nn
 
 from ..storage.atomic import staged_folder
 from ..storage.files import ModelFileError, read_json, safetensors_header
-from .peft_files import load_adapter
+from .nf4 import quantize_base, quantized_layers
+from .peft_files import attach_adapter_layers, load_adapter
 from .qwen3 import Qwen3Config, Qwen3ForCausalLM
 from .shards import copy_whole_into
 from .tokenizer import Tokenizer
@@ -129,17 +130,24 @@ def load_weights(model: Qwen3ForCausalLM, folder: str | Path, dtype: torch.dtype
     """Fill `model`'s weights from an HF folder, in `dtype` on `device`, tensor by tensor: a parameter on the
     meta device is replaced by the folder's tensor (memory-mapped, not copied, when it is the file's dtype on the
     CPU), a sharded one (FSDP2) takes this rank's rows, any other is copied into. A frozen base under an adapter
-    is found by the folder's name (q_proj.weight is q_proj.base_layer.weight here) and stays frozen. Tensors the
+    is found by the folder's name (q_proj.weight is q_proj.base_layer.weight here) and stays frozen; a 4-bit one
+    (model/nf4.py) is quantized on `device` as its tensor is read, so the whole base never exists there. Tensors the
     folder does not hold (an adapter's own) are made on `device`, empty, when still on the meta device: the
-    adapter starts from them (dora.initialise_adapters)."""
+    adapter starts from them (lora.initialise_adapters)."""
     params = dict(model.named_parameters())
     # An adapter wraps a linear as its `base_layer`: the wrapper's other tensors are its own, not the folder's.
     own = {f"{owner}.{name}" for owner, module in model.named_modules() if hasattr(module, "base_layer")
            for name, _ in module.named_parameters(recurse=False)}
-    by_folder_name = {name.replace(".base_layer.", "."): name for name in params if name not in own}
-    expected = {folder_name: params[name] for folder_name, name in by_folder_name.items()}
+    quantized = {f"{name}.weight": layer for name, layer in quantized_layers(model).items()}  # a 4-bit base
+    by_folder_name = {name.replace(".base_layer.", "."): name for name in [*params, *quantized] if name not in own}
+    expected = {**{name: torch.empty(layer.out_features, layer.in_features, device="meta")
+                   for name, layer in quantized.items()}, **params}
+    expected = {folder_name: expected[name] for folder_name, name in by_folder_name.items()}
     for folder_name, tensor in folder_tensors(folder, model, dtype, expected):
         name = by_folder_name[folder_name]
+        if name in quantized:  # quantized on `device`, where it will compute, one tensor at a time
+            quantized[name].quantize_(tensor.to(device=device))
+            continue
         param = params[name]
         if param.is_meta:
             _set_parameter(model, name, tensor.to(device=device), param.requires_grad)
@@ -178,7 +186,7 @@ def hf_state_dict(model: Qwen3ForCausalLM, values: dict[str, torch.Tensor] | Non
     foreign = sorted(tensors.keys() - expected)
     if foreign:
         raise ModelFileError(f"the model holds {foreign[0]!r}, not part of a plain Qwen3 model folder; "
-                              "merge adapters (merge_dora) or save them with save_adapter")
+                              "merge adapters (merge_adapters) or save them with save_adapter")
     return tensors
 
 
@@ -221,11 +229,23 @@ def save_pretrained(model: Qwen3ForCausalLM, tokenizer: Tokenizer | None, path: 
 
 
 def load_pretrained_with_adapter(path: str | Path, adapter: str | Path | None = None,
-                                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-                                 ) -> tuple[nn.Module, Tokenizer]:
-    """An HF model folder, with a PEFT DoRA adapter on top when one is given (left unmerged)."""
-    model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
-    if adapter:
-        load_adapter(model, adapter)
-        model.to(device)
-    return model, tokenizer
+                                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                                 base_quant: str = "none") -> tuple[nn.Module, Tokenizer]:
+    """An HF model folder, with a PEFT DoRA adapter on top when one is given (left unmerged). base_quant "nf4":
+    the adapter's target linears are quantized to 4 bits while loading (model/nf4.py), as a run with
+    base_quant = "nf4" trained on them."""
+    if base_quant == "none":
+        model, tokenizer = load_pretrained(path, dtype=dtype, device=device)
+        if adapter:
+            load_adapter(model, adapter)
+            model.to(device)
+        return model, tokenizer
+    if base_quant != "nf4" or not adapter:
+        raise ValueError(f"base_quant {base_quant!r}: 'nf4' quantizes the base under an adapter (give one), or 'none'")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config.from_pretrained(path))
+    attach_adapter_layers(model, adapter)
+    quantize_base(model)
+    load_weights(model, path, dtype, device)
+    load_adapter(model, adapter)
+    return model.eval(), Tokenizer.from_pretrained(path)

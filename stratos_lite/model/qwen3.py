@@ -51,6 +51,12 @@ class Qwen3Config:
                 f"{source}: model_type={model_type!r}, architectures={architectures!r}; "
                 "stratos_lite loads dense Qwen3 (Qwen3ForCausalLM) only"
             )
+        quantized = raw.get("quantization_config")
+        if quantized:  # GPTQ, AWQ, bitsandbytes ...: their packed integer tensors are not Qwen3's float weights
+            method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+            raise ModelFileError(f"{source}: the folder holds a {method}-quantized model (quantization_config); "
+                                 "stratos_lite reads bf16, fp16 or fp32 weights: give the unquantized folder "
+                                 "(base_quant = 'nf4' quantizes it while loading)")
         # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta/rope_scaling.
         rope = dict(raw.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", raw.get("rope_theta", 1_000_000.0))

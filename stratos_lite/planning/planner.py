@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ADAPTER_NAMES, TrainConfig
 from ..data.dataset import RunData
 from ..data.packing import PaddingEstimate, estimate_padding
 from ..model.attention_report import training_kernel
@@ -155,13 +155,14 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     return Plan(
         model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
               f"{model_config.hidden_size}, vocabulary {model_config.vocab_size:,})",
-        mode="full" if config.mode == "full" else f"DoRA r{config.rank} on {', '.join(config.targets)}",
+        mode="full" if config.mode == "full" else
+        f"{ADAPTER_NAMES[config.mode]} r{config.rank} on {', '.join(config.targets)}",
         dtype=str(dtype).removeprefix("torch."), device=device.type, batch_size=config.batch_size,
         seq=shape.tokens, completions=completions, grad_accum=config.grad_accum, world_size=world_size,
         checkpointing=config.checkpoint_policy if config.gradient_checkpointing else "off",
         params_base=counts.base, params_trainable=counts.trainable,
-        weights=counts.weight_bytes if config.mode == "dora" else counts.trainable_bytes,
-        adapters=counts.trainable_bytes if config.mode == "dora" else 0,
+        weights=counts.weight_bytes if config.mode != "full" else counts.trainable_bytes, base_quant=config.base_quant,
+        adapters=counts.trainable_bytes if config.mode != "full" else 0,
         gradients=counts.gradients, optimizer=2 * counts.gradients, activations=here.activity.saved,
         activations_no_checkpointing=(simulator.saved_without_checkpointing(shape.batch, shape.tokens, completions)
                                       if config.gradient_checkpointing else here.activity.saved),

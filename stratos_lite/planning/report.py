@@ -60,6 +60,7 @@ class Plan:
     params_base: int  # the model's own parameters (DoRA's are counted in params_trainable only)
     params_trainable: int
     weights: int
+    base_quant: str  # TrainConfig.base_quant: "nf4" holds the target linears' frozen weights in 4 bits
     adapters: int
     gradients: int
     optimizer: int
@@ -167,6 +168,14 @@ class Plan:
             options.append("mode = \"dora\" (frozen base in bf16, no gradients or optimizer state for it)")
         return "; or ".join(options)
 
+    @property
+    def weights_text(self) -> str:
+        if self.mode == "full":
+            return "fp32, trained"
+        if self.base_quant == "nf4":
+            return f"frozen base: the target linears in 4-bit NF4, the rest {self.dtype}"
+        return "frozen base"
+
     def to_text(self) -> str:
         trainable_share = 100 * self.params_trainable / max(self.params_base, 1)
         lines = [
@@ -176,7 +185,7 @@ class Plan:
             + ("" if self.memory_source == "given" else f" on {self.device}"),
             f"  parameters      {self.params_base:,} in the model, {self.params_trainable:,} trainable "
             f"({trainable_share:.2f} %)",
-            f"  weights         {_gb(self.weights)}   {'fp32, trained' if self.mode == 'full' else 'frozen base'}",
+            f"  weights         {_gb(self.weights)}   {self.weights_text}",
             f"  adapters        {_gb(self.adapters)}   trainable tensors, fp32" if self.mode != "full" else None,
             f"  gradients       {_gb(self.gradients)}   fp32",
             f"  optimizer       {_gb(self.optimizer)}   AdamW: two fp32 moments per trainable value",

@@ -18,12 +18,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TrainConfig
 from ..data.batch import Batch, LossPositions
-from ..model.dora import dora_layers
+from ..model.lora import adapter_layers
+from ..model.nf4 import quantized_layers
 from ..model.offload import HostActivations
 from ..model.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from ..model.vocab_loss import token_cross_entropy
@@ -205,14 +207,22 @@ class ParameterCounts:
         return 4 * self.trainable
 
 
+def held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """What a module holds for the run: its parameters, and a 4-bit base's codes and scales (buffers)."""
+    quantized = [buffer for layer in quantized_layers(module).values() for buffer in layer.buffers()]
+    return [*module.parameters(), *quantized]
+
+
 def parameter_counts(model: Qwen3ForCausalLM, mode: str) -> ParameterCounts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    frozen = [p for p in params if not p.requires_grad]
-    base = sum(p.numel() for p in params) if mode == "full" else sum(p.numel() for p in frozen)
-    layer = _bytes(model.model.layers[0].parameters())
+    frozen = [p for p in held_tensors(model) if not p.requires_grad]
+    # A 4-bit base's weights count as the weights its codes stand for.
+    quantized_weights = sum(layer.in_features * layer.out_features for layer in quantized_layers(model).values())
+    base = sum(p.numel() for p in params if mode == "full" or not p.requires_grad) + quantized_weights
+    layer = _bytes(held_tensors(model.model.layers[0]))
     return ParameterCounts(base, sum(p.numel() for p in trainable), _bytes(frozen), _bytes(trainable), layer,
-                           _bytes(params) - layer * len(model.model.layers))
+                           _bytes(held_tensors(model)) - layer * len(model.model.layers))
 
 
 class Simulator:
@@ -241,7 +251,7 @@ class Simulator:
         """With `with_grads`, gradients exist before the backward (accumulation's later micro-batches), so
         the backward adds into them instead of allocating them."""
         with self.faking():
-            for _, layer in dora_layers(self.model):  # as after an optimizer step: ||W + sBA|| recomputed
+            for _, layer in adapter_layers(self.model):  # as after an optimizer step: ||W + sBA|| recomputed
                 layer.forget_adapter_terms()
             for p in self.trainable:
                 p.grad = torch.zeros_like(p) if with_grads else None
@@ -270,7 +280,7 @@ class Simulator:
         allocated one by one (the weights; AdamW's two fp32 moments per trainable tensor, and its gradient
         when accumulation keeps it between micro-batches), then a micro-batch's allocations and frees."""
         allocator = CachingAllocator()
-        for p in self.model.parameters():
+        for p in held_tensors(self.model):
             allocator.allocate(p.numel() * p.element_size())
             for _ in range((2 + accumulating) * p.requires_grad):
                 allocator.allocate(p.numel() * 4)

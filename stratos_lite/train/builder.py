@@ -2,7 +2,8 @@
 
     prepare_model(config)       config.model's folder loaded as the run trains it:
                                   dtype      the frozen base in the compute dtype; weights that train in fp32
-                                  adapter    DoRA on config.targets (mode "dora"), or every weight (mode "full")
+                                  adapter    DoRA or LoRA on config.targets (mode "dora", "lora") or every weight
+                                  base       the targets' frozen weights in 4 bits (base_quant "nf4") or not
                                   layout     one process and DDP whole; FSDP sharded before any weight is read
     prepare_model(config, weights=False)
                                 the same model built from config.json alone, under whatever tensor mode the
@@ -26,8 +27,10 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..model.compiling import compile_layers
-from ..model.dora import apply_dora, initialise_adapters
+from ..model.dora import apply_dora
 from ..model.folders import load_weights
+from ..model.lora import apply_lora, initialise_adapters
+from ..model.nf4 import quantize_base
 from ..model.offload import HostActivations
 from ..model.qwen3 import Qwen3Config, new_model
 from .device import compute_dtype, default_device
@@ -38,7 +41,7 @@ from .strategy import DataParallel, OneProcess, Sharded, init_distributed
 def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """What the model's weights are stored in: a frozen base in the compute dtype (bf16 where the device
     computes it), weights that train (mode "full") in fp32, which AdamW's small updates need."""
-    return compute_dtype(config.dtype, device) if config.mode == "dora" else torch.float32
+    return compute_dtype(config.dtype, device) if config.mode != "full" else torch.float32
 
 
 def uses_fsdp(config: TrainConfig, world_size: int) -> bool:
@@ -62,8 +65,11 @@ def prepare_model(config: TrainConfig, device: torch.device | None = None, *, we
     sharded = weights and uses_fsdp(config, init_distributed(device)[1])  # a sharded load needs the group first
     with torch.device("meta") if weights else nullcontext():
         model = new_model(model_config or Qwen3Config.from_pretrained(config.model), dtype)
-    if config.mode == "dora":
-        apply_dora(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed)
+    if config.mode != "full":
+        apply = apply_dora if config.mode == "dora" else apply_lora
+        apply(model, config.rank, config.alpha, config.dropout, config.targets, seed=config.seed, rslora=config.rslora)
+        if config.base_quant == "nf4":
+            quantize_base(model)  # still empty: load_weights quantizes each weight as it reads it
     else:
         model.requires_grad_(True)
     if sharded:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..model.dora import has_dora
+from ..model.lora import has_adapters
 from ..model.peft_files import save_adapter
 from ..storage.atomic import staged_folder
 from ..storage.files import CheckpointError, load_safetensors, read_json
@@ -95,7 +95,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, trainable:
         save_file(rng_tensors, str(staging / "rng.safetensors"))
         (staging / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json},
                                                        indent=1))
-        if has_dora(model):
+        if has_adapters(model):
             save_adapter(model, staging / "adapter", base_model_name_or_path, values=trainable)
         (staging / MANIFEST).write_text(json.dumps(describe_files(staging), indent=1))
     for old in checkpoints(out)[:-keep] if keep > 0 else []:

@@ -174,7 +174,9 @@ class DataParallel(AcrossRanks):
 
     def __init__(self, model: nn.Module, process_rank: int, world_size: int):
         super().__init__(model, process_rank, world_size)
-        self.wrapper = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+        # Rank 0's weights and buffers are broadcast once, here. Not again before every forward: the buffers are
+        # RoPE's tables and a 4-bit base's codes, which no step changes (the codes are an 8B model's 3.5 GB).
+        self.wrapper = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 
     def forward(self, *args, **kwargs):
         return self.wrapper(*args, **kwargs)  # DDP prepares its gradient reduction in its forward

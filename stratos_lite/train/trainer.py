@@ -32,8 +32,8 @@ from ..data.batch import Batch, collate
 from ..data.packing import estimate_padding, filler_row, pack_step
 from ..data.sampler import BandSampler, format_verification, sampler_for, verify_for
 from ..model.attention_report import attention_line
-from ..model.dora import has_dora
 from ..model.folders import save_pretrained
+from ..model.lora import has_adapters
 from ..model.peft_files import save_adapter
 from ..model.qwen3 import Qwen3ForCausalLM
 from ..storage.atomic import write_text
@@ -342,14 +342,14 @@ class Trainer:
 
     def _save_adapter(self) -> None:
         """The final (or last finite) adapter in PEFT's layout; every rank calls it, rank 0 writes."""
-        if has_dora(self.model):
+        if has_adapters(self.model):
             values = self.strategy.whole_trainable()
             if self.strategy.is_main:
                 save_adapter(self.model, self.out_dir / "adapter", self.config.model, values=values)
 
     def _save_model(self) -> None:
         """A fully fine-tuned Qwen3 as an HF folder (out_dir/model); every rank calls it, rank 0 writes."""
-        if isinstance(self.model, Qwen3ForCausalLM) and not has_dora(self.model):
+        if isinstance(self.model, Qwen3ForCausalLM) and not has_adapters(self.model):
             values = self.strategy.whole_parameters()
             if self.strategy.is_main:
                 save_pretrained(self.model, None, self.out_dir / "model", values=values)
