@@ -127,7 +127,8 @@ def rss() -> int:
 
 
 def ours(shape: dict, seq: int, dtype: torch.dtype, steps: int, out_dir: str, settings: dict) -> tuple[list, dict]:
-    """Our model built on the device in `dtype`, DoRA on it, planned, then trained: (step seconds, plan)."""
+    """Our model built on the device in `dtype`, DoRA (or LoRA: settings' mode) on it, planned, then trained:
+    (step seconds, plan)."""
     import stratos_lite as sl
     from stratos_lite.model.nf4 import quantize_base
     from stratos_lite.model.qwen3 import new_model
@@ -136,7 +137,8 @@ def ours(shape: dict, seq: int, dtype: torch.dtype, steps: int, out_dir: str, se
     torch.manual_seed(0)
     with torch.device(device()):
         model = new_model(sl.Qwen3Config(**shape), dtype)
-    sl.apply_dora(model, RANK, ALPHA, DROPOUT, TARGETS)
+    apply = sl.apply_lora if settings.get("mode") == "lora" else sl.apply_dora
+    apply(model, RANK, ALPHA, DROPOUT, TARGETS, rslora=settings.get("rslora", False))
     if settings.get("base_quant") == "nf4":
         quantize_base(model)  # the random weights, quantized where they lie
     config = sl.TrainConfig(out_dir=out_dir, batch_size=BATCH, grad_accum=ACCUM, lr=1e-5, max_steps=steps,

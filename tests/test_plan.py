@@ -35,6 +35,7 @@ SETTINGS = [
     dict(mode="lora", dtype="bfloat16", checkpoint_policy="layer", base_quant="nf4", rslora=True),  # QLoRA
 ]
 ONE_STEP_SETTINGS = SETTINGS[:4] + SETTINGS[5:]
+INPUTS_LEFT_OUT = 12_000  # bytes: the batch of 2 x 48 tokens and the loss scalars, which the plan does not count
 
 
 def simulator(config: sl.TrainConfig, dtype: torch.dtype, attention: str = "sdpa") -> Simulator:
@@ -75,8 +76,9 @@ def synthetic_examples(count: int, seq: int, completion: int) -> list[dict]:
 @pytest.mark.parametrize("settings", ONE_STEP_SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     """Two real optimizer steps with accumulation, every tensor the Trainer creates counted as it lives:
-    the peak is the plan's (weights, adapters, gradients, AdamW state, activations) within 1 %: what the
-    plan leaves out is the step's token ids, labels and loss scalars (kilobytes)."""
+    the peak is the plan's (weights, adapters, gradients, AdamW state, activations) within 1 %, or within
+    INPUTS_LEFT_OUT on the smallest of these tiny models: what the plan leaves out is the step's token ids,
+    labels and loss scalars (9.5 KB here, whatever the model)."""
     seq, completion = 48, 12
     config = sl.TrainConfig(out_dir=str(tmp_path), rank=4, alpha=8, batch_size=2, grad_accum=2, max_steps=2,
                             max_len=seq, band_sampling=False, verify_batches=0, save_every=10**9, progress=False,
@@ -88,7 +90,7 @@ def test_predicted_peak_is_the_live_peak_of_real_training(settings, tmp_path):
     tracker = LiveBytes()
     with tracker:
         sl.Trainer(model, synthetic_examples(8, seq, completion), config).train()
-    assert abs(resident + tracker.peak - predicted.peak) <= 0.01 * predicted.peak
+    assert abs(resident + tracker.peak - predicted.peak) <= max(0.01 * predicted.peak, INPUTS_LEFT_OUT)
     assert predicted.fits and predicted.tokens_per_step == 2 * 2 * seq and predicted.steps_per_epoch == 2
 
 
