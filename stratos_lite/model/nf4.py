@@ -116,10 +116,16 @@ class NF4Linear(nn.Module):
         self.byte_values = byte_values(weight.dtype, weight.device)
         self.dtype = weight.dtype
 
-    def block_scales(self) -> torch.Tensor:
-        """Each block's dequantized absmax, in the weight's dtype."""
-        groups = F.pad(self.scale_codes, (0, -len(self.scale_codes) % SCALE_GROUP)).view(-1, SCALE_GROUP)
-        return (groups / self.scale_factors[:, None]).view(-1)[:len(self.scale_codes)].to(self.dtype) + self.scale_mean
+    def block_scales(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The dequantized absmax of blocks start:stop (all by default), in the weight's dtype, from only the
+        scale groups that hold them."""
+        stop = len(self.scale_codes) if stop is None else stop
+        first, last = start // SCALE_GROUP, -(-stop // SCALE_GROUP)
+        codes = self.scale_codes[first * SCALE_GROUP:last * SCALE_GROUP]
+        groups = F.pad(codes, (0, -len(codes) % SCALE_GROUP)).view(-1, SCALE_GROUP)
+        scales = (groups / self.scale_factors[first:last, None]).view(-1)
+        offset = start - first * SCALE_GROUP
+        return scales[offset:offset + stop - start].to(self.dtype) + self.scale_mean
 
     @property
     def weight(self) -> torch.Tensor:
@@ -132,7 +138,7 @@ class NF4Linear(nn.Module):
         blocks = slice(first // BLOCK, -(-last // BLOCK))
         codes = self.codes[blocks.start * BLOCK // 2:blocks.stop * BLOCK // 2]
         values = F.embedding(codes.int(), self.byte_values).view(-1, BLOCK)
-        values = values * self.block_scales()[blocks, None]
+        values = values * self.block_scales(blocks.start, blocks.stop)[:, None]
         offset = first - blocks.start * BLOCK
         return values.view(-1)[offset:offset + last - first].view(-1, self.in_features)
 
