@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 bash scripts/install_llama_cpp.sh   # the GGUF oracle, built for any x86-64 CPU (not -march=native)
 python -m pip install -q -e ".[dev]"
+# llama.cpp's llama-imatrix and llama-quantize, the importance-matrix oracles (built once, cached).
+STRATOS_LLAMA_TOOLS="$(bash scripts/build_llama_tools.sh)"
+export STRATOS_LLAMA_TOOLS
 # Two workers by default (TEST_WORKERS=0 runs in one process): the suite spends much of its time starting
 # interpreters and ranks, which a second worker overlaps even on two cores.
 python -m pytest -q -n "${TEST_WORKERS:-2}" "$@"

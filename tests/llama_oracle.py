@@ -104,3 +104,41 @@ def quantize(source, target, file_type: int) -> None:
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({source}, {target}, {file_type}) returned {status}")
+
+
+def llama_tool(name: str) -> str:
+    """The path of llama.cpp's `name` program (llama-imatrix, llama-quantize) that scripts/build_llama_tools.sh
+    built; scripts/test.sh puts its folder in STRATOS_LLAMA_TOOLS."""
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get("STRATOS_LLAMA_TOOLS")
+    if not folder:
+        raise RuntimeError("STRATOS_LLAMA_TOOLS is not set: run the suite with scripts/test.sh, or "
+                           "export STRATOS_LLAMA_TOOLS=$(bash scripts/build_llama_tools.sh)")
+    program = Path(folder) / name
+    if not program.is_file():
+        raise RuntimeError(f"{program}: missing; rebuild with scripts/build_llama_tools.sh")
+    return str(program)
+
+
+def run_tool(name: str, *arguments) -> str:
+    """Run a llama.cpp program on two threads; its output, or an error holding it when it fails."""
+    import subprocess
+
+    done = subprocess.run([llama_tool(name), *map(str, arguments)], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} exited with {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout + done.stderr
+
+
+def quantize_with_imatrix(source, target, preset: str, imatrix) -> None:
+    """llama-quantize --imatrix IMATRIX SOURCE TARGET PRESET (e.g. Q4_K_M)."""
+    run_tool("llama-quantize", "--imatrix", imatrix, source, target, preset, 2)
+
+
+def imatrix(model, text_file, out, chunk: int, process_output: bool) -> None:
+    """llama-imatrix over `text_file` in chunks of `chunk` tokens (one chunk a batch), without perplexity."""
+    options = ["--process-output"] if process_output else []
+    run_tool("llama-imatrix", "-m", model, "-f", text_file, "-o", out, "-c", chunk, "-b", chunk, "-t", 2,
+             "--no-ppl", *options)

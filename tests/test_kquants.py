@@ -1,4 +1,5 @@
-"""K-quant GGUF exports (q4_k_m, q5_k_m, q6_k) against llama.cpp's own quantizer, tensor by tensor."""
+"""K-quant GGUF exports (q3_k_m, q4_k_m, q5_k_m, q6_k), with and without an importance matrix, against
+llama.cpp's own quantizer, tensor by tensor."""
 
 import warnings
 
@@ -11,13 +12,14 @@ from isolation import call_in_child
 
 import stratos_lite as sl
 from stratos_lite.export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from stratos_lite.export.imatrix import ImportanceMatrix, product_modules
 from stratos_lite.export.kquants import quantize_k
 from stratos_lite.export.quant_types import QuantFallbackWarning, tensor_type, use_more_bits
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
-PRESETS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
-           "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+PRESETS = {"q3_k_m": gguf.LlamaFileType.MOSTLY_Q3_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+           "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 TOKENS = list(range(3, 200, 3))
 # Rows of 256 so every K type holds them; 8 layers so the _M presets' layer pattern shows (layers 0, 3, 6, 7).
 WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
@@ -66,14 +68,34 @@ def block_errors(tensor, reference: np.ndarray) -> np.ndarray:
     return ((values - reference) ** 2).reshape(-1, per_block).sum(axis=1)
 
 
-def compare_with_llama_cpp(tmp_path, tokenizer, quant, **overrides):
-    """Export f32 and `quant` directly; quantize the f32 file with llama.cpp. Returns both readers, the f32 one,
-    and the fraction of identical blocks per tensor (checking types and the error of any differing block)."""
+def skewed_imatrix(model, seed=0) -> ImportanceMatrix:
+    """A made-up importance matrix with channels far apart in importance, as real activations are; one entry
+    that saw no token (llama.cpp weighs its channels alike) and one tensor left out (quantized without)."""
+    gen = torch.Generator().manual_seed(seed)
+    matrix = ImportanceMatrix(datasets=["made-up"], chunk_count=3, chunk_size=64)
+    for name, module in product_modules(model).items():
+        columns = module.in_features if hasattr(module, "in_features") else module.base_layer.in_features
+        matrix.sums[name] = torch.rand(columns, generator=gen) ** 4 * 50
+        matrix.counts[name] = 192
+    matrix.counts["blk.1.attn_q.weight"] = 0
+    del matrix.sums["blk.0.ffn_up.weight"], matrix.counts["blk.0.ffn_up.weight"]
+    return matrix
+
+
+def compare_with_llama_cpp(tmp_path, tokenizer, quant, with_imatrix=False, **overrides):
+    """Export f32 and `quant` directly; quantize the f32 file with llama.cpp (llama-quantize --imatrix when
+    `with_imatrix`, both given the same made-up matrix). Returns both files and the fraction of identical
+    blocks per tensor (checking types, and that any differing block is no worse than llama.cpp's)."""
     model = dora_model(tmp_path, **overrides)
     f32 = export_gguf(model, tokenizer, tmp_path / "f32.gguf", quant="f32", modelfile=False)
-    ours = export_gguf(model, tokenizer, tmp_path / f"ours-{quant}.gguf", quant=quant, modelfile=False)
+    matrix = skewed_imatrix(model) if with_imatrix else None
+    ours = export_gguf(model, tokenizer, tmp_path / f"ours-{quant}.gguf", quant=quant, modelfile=False,
+                       imatrix=matrix)
     theirs = tmp_path / f"llama-{quant}.gguf"
-    call_in_child(llama_oracle.quantize, f32, theirs, int(PRESETS[quant]))
+    if with_imatrix:
+        llama_oracle.quantize_with_imatrix(f32, theirs, quant.upper(), matrix.save(tmp_path / "imatrix.gguf"))
+    else:
+        call_in_child(llama_oracle.quantize, f32, theirs, int(PRESETS[quant]))
     weights = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(f32).tensors}
     mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     same = {}
@@ -82,22 +104,27 @@ def compare_with_llama_cpp(tmp_path, tokenizer, quant, **overrides):
         assert tensor.tensor_type == reference.tensor_type, reference.name
         identical = (blocks_of(tensor) == blocks_of(reference)).all(axis=1)
         same[reference.name] = identical.mean()
-        if not identical.all():  # a differing block must be no worse than llama.cpp's
+        if not identical.all() and not with_imatrix:  # a differing block must be no worse than llama.cpp's
             weight = weights[reference.name]
             ours_error, their_error = block_errors(tensor, weight), block_errors(reference, weight)
             assert (ours_error[~identical] <= their_error[~identical] * (1 + 1e-6)).all(), reference.name
     return ours, theirs, same
 
 
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("quant", list(PRESETS))
-def test_k_quant_export_is_llama_cpp_quantize_byte_for_byte(tmp_path, tokenizer, quant):
-    ours, theirs, same = compare_with_llama_cpp(tmp_path, tokenizer, quant, **WIDE)
+def test_k_quant_export_is_llama_cpp_quantize_byte_for_byte(tmp_path, tokenizer, quant, with_imatrix):
+    ours, theirs, same = compare_with_llama_cpp(tmp_path, tokenizer, quant, with_imatrix, **WIDE)
     print(f"{quant}: identical blocks, fraction per tensor: min {min(same.values()):.4f}")
     assert min(same.values()) == 1.0
     reader = gguf.GGUFReader(ours)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["output.weight"] == T.Q6_K and types["blk.0.attn_norm.weight"] == T.F32
-    if quant != "q6_k":
+    if quant == "q3_k_m":  # attn_v Q5_K in the first two layers; ffn_down Q5_K in none of 8 (8 // 16 = 0)
+        assert [types[f"blk.{i}.attn_v.weight"] for i in range(3)] == [T.Q5_K, T.Q5_K, T.Q4_K]
+        assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_output.weight"] == T.Q4_K
+        assert types["blk.0.attn_q.weight"] == T.Q3_K
+    elif quant != "q6_k":
         bumped = {i for i in range(8) if types[f"blk.{i}.attn_v.weight"] == T.Q6_K}
         assert bumped == {i for i in range(8) if use_more_bits(i, 8)} == {0, 3, 6, 7}
     file_type = reader.fields["general.file_type"]

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -29,9 +30,12 @@ from .kquants import BLOCK_BYTES, SUPER_BLOCK, quantize_k
 from .modelfile import write_modelfile
 from .quant_types import FILE_TYPES, tensor_type
 
+if TYPE_CHECKING:  # for the annotations only: imatrix.py builds on this module's tensor names
+    from .imatrix import ImportanceMatrix
+
 QUANTS = tuple(FILE_TYPES)  # the `quant` names export_gguf takes
-K_TYPES = {gguf.GGMLQuantizationType.Q4_K: "q4_k", gguf.GGMLQuantizationType.Q5_K: "q5_k",
-           gguf.GGMLQuantizationType.Q6_K: "q6_k"}
+K_TYPES = {gguf.GGMLQuantizationType.Q3_K: "q3_k", gguf.GGMLQuantizationType.Q4_K: "q4_k",
+           gguf.GGMLQuantizationType.Q5_K: "q5_k", gguf.GGMLQuantizationType.Q6_K: "q6_k"}
 Q8_BLOCK = 32
 # torch module path inside a decoder layer -> GGUF tensor name (llama.cpp's qwen3 names).
 LAYER_TENSORS = {
@@ -132,24 +136,29 @@ def tensor_plan(model: Qwen3ForCausalLM) -> list[PlannedTensor]:
     return plan
 
 
-def quantize_k_blocks(source: RowBlocks, kind: str) -> np.ndarray:
-    """A K-quant of a weight handed out in row blocks, written into one array block by block."""
+def quantize_k_blocks(source: RowBlocks, kind: str, importance: torch.Tensor | None = None) -> np.ndarray:
+    """A K-quant of a weight handed out in row blocks, written into one array block by block, weighted by an
+    importance per column when one is given."""
     rows, cols = source.shape
     out = np.empty((rows, cols // SUPER_BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
     for start, block in source.blocks():
         x = block.float()
         if not torch.isfinite(x).all():
             raise ExportError("non-finite value (NaN or Inf)")
-        out[start:start + len(block)] = quantize_k(x, kind)
+        out[start:start + len(block)] = quantize_k(x, kind, importance)
     return out
 
 
-def encode(planned: PlannedTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """The bytes to write for one tensor, in the type announced for it in the header."""
+def encode(planned: PlannedTensor, qtype: gguf.GGMLQuantizationType,
+           imatrix: ImportanceMatrix | None = None) -> np.ndarray:
+    """The bytes to write for one tensor, in the type announced for it in the header. An importance matrix
+    weighs the K-quants' rounding, as llama-quantize --imatrix does (q8_0 and the float types ignore it, as
+    llama.cpp's do)."""
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         return quantize_q8_0(planned.source)
     if qtype in K_TYPES:
-        return quantize_k_blocks(planned.source, K_TYPES[qtype])
+        importance = imatrix.importance(planned.name) if imatrix else None
+        return quantize_k_blocks(planned.source, K_TYPES[qtype], importance)
     tensor = planned.source.whole()
     if not torch.isfinite(tensor).all():
         raise ExportError("non-finite value (NaN or Inf)")
@@ -235,20 +244,34 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, rows: int) -> N
     writer.add_chat_template(tokenizer.chat_template)
 
 
+def add_imatrix_provenance(writer: gguf.GGUFWriter, imatrix: ImportanceMatrix) -> None:
+    """The keys llama-quantize adds when it quantizes with a matrix: its file, first dataset, entries, chunks."""
+    writer.add_string("quantize.imatrix.file", imatrix.file or "<computed while exporting>")
+    if imatrix.datasets:
+        writer.add_string("quantize.imatrix.dataset", imatrix.datasets[0])
+    writer.add_int32("quantize.imatrix.entries_count", len(imatrix.sums))
+    if imatrix.chunk_count:
+        writer.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+
+
 # the export -----------------------------------------------------------------------------------------------
 
-def _stream(plan: list[PlannedTensor], qtypes: list[gguf.GGMLQuantizationType]) -> Iterator[np.ndarray]:
+def _stream(plan: list[PlannedTensor], qtypes: list[gguf.GGMLQuantizationType],
+            imatrix: ImportanceMatrix | None) -> Iterator[np.ndarray]:
     for planned, qtype in zip(plan, qtypes, strict=True):
         try:
-            yield encode(planned, qtype)
+            yield encode(planned, qtype, imatrix)
         except ExportError as error:
             raise ExportError(f"tensor {planned.name}: {error}; nothing was written") from None
 
 
 @torch.no_grad()
 def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path, quant: str = "q8_0",
-                name: str = "stratos-qwen3", system_prompt: str | None = None, modelfile: bool = True) -> Path:
-    """Write `model` (adapter layers merged tensor by tensor) and its tokenizer to a GGUF file at `path`."""
+                name: str = "stratos-qwen3", system_prompt: str | None = None, modelfile: bool = True,
+                imatrix: ImportanceMatrix | None = None) -> Path:
+    """Write `model` (adapter layers merged tensor by tensor) and its tokenizer to a GGUF file at `path`.
+    imatrix: an importance matrix (imatrix.py) the K-quants weigh their rounding by, as llama-quantize
+    --imatrix does; without one the file is what llama-quantize writes without."""
     if quant not in QUANTS:
         raise ExportError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if not isinstance(model, Qwen3ForCausalLM):
@@ -258,18 +281,23 @@ def export_gguf(model: Qwen3ForCausalLM, tokenizer: Tokenizer, path: str | Path,
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(model)
+    if imatrix is not None:
+        for planned in plan:
+            imatrix.check_fits(planned.name, planned.shape[-1])
     with staged_file(target) as staging:  # the GGUF appears under its name whole, or not at all
-        _write_gguf(gguf.GGUFWriter(staging, "qwen3"), model, tokenizer, plan, quant, name)
+        _write_gguf(gguf.GGUFWriter(staging, "qwen3"), model, tokenizer, plan, quant, name, imatrix)
     if modelfile:
         write_modelfile(target, system_prompt)
     return target
 
 
 def _write_gguf(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, tokenizer: Tokenizer, plan: list[PlannedTensor],
-                quant: str, name: str) -> None:
+                quant: str, name: str, imatrix: ImportanceMatrix | None) -> None:
     try:
         add_hyperparameters(writer, model, quant, name)
         add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        if imatrix is not None:
+            add_imatrix_provenance(writer, imatrix)
         qtypes = planned_types(model, plan, quant)
         for planned, qtype in zip(plan, qtypes, strict=True):
             writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned.shape, qtype),
@@ -277,7 +305,7 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Qwen3ForCausalLM, tokenizer: Tok
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for data in _stream(plan, qtypes):
+        for data in _stream(plan, qtypes, imatrix):
             writer.write_tensor_data(data)
     finally:
         writer.close()

@@ -1,0 +1,230 @@
+"""An importance matrix for the K-quants, from the task's own prompts: what llama.cpp's `llama-imatrix`
+computes, in torch on the trained model, written in llama.cpp's imatrix GGUF.
+
+For each weight the quantizer will see, the matrix holds the sum over the calibration tokens of every input
+channel's squared activation (`<tensor>.in_sum2`) and the number of tokens (`<tensor>.counts`); the quantizer
+weights a value's rounding error by its channel's mean square, in_sum2 / count. As llama-imatrix, it covers
+the matrix multiplications of the layers (`blk.*`), and the output projection only when asked (its input is
+the final hidden state; a model with tied embeddings has none: llama.cpp names that tensor token_embd and never
+collects it); the token embedding is a lookup, not a product, and has no entry.
+
+The file is what llama-imatrix writes since llama.cpp #14842: general.type = "imatrix", imatrix.datasets
+(the calibration sources), imatrix.chunk_count and imatrix.chunk_size, and per weight an F32 in_sum2 of one
+row of input channels and an F32 count. llama-quantize --imatrix reads it, and so does export_gguf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model.qwen3 import Qwen3ForCausalLM
+from ..storage.atomic import staged_file
+from .gguf_file import LAYER_TENSORS
+
+SUMS, COUNTS = ".in_sum2", ".counts"
+OUTPUT = "output.weight"
+# The layers' matrix multiplications (their norms are not products): torch module path -> llama.cpp's name.
+LAYER_PRODUCTS = {path: name for path, name in LAYER_TENSORS.items() if not name.endswith("norm")}
+
+
+class ImatrixError(ValueError):
+    """An importance matrix file that cannot be read, or does not fit the model it is used with."""
+
+
+@dataclass
+class ImportanceMatrix:
+    """Per GGUF weight name: the sum of squared inputs per input channel and the number of tokens summed."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0  # the sequences the sums ran over
+    chunk_size: int = 0  # the longest of them, in tokens
+    file: str = ""  # the file it was read from or saved to, if any
+
+    def importance(self, name: str) -> torch.Tensor | None:
+        """The quantizer's weight per input channel of `name`, in_sum2 / count in float32 as llama-quantize
+        divides them; None where the matrix has no entry (the tensor is quantized without one)."""
+        if name not in self.sums:
+            return None
+        sums = self.sums[name].to(torch.float32)
+        if self.counts[name] == 0:  # an entry that saw no token: llama.cpp weighs every channel alike
+            return torch.ones_like(sums)
+        return sums / torch.tensor(float(self.counts[name]), dtype=torch.float32)
+
+    def check_fits(self, name: str, columns: int) -> None:
+        if name in self.sums and self.sums[name].numel() != columns:
+            raise ImatrixError(f"importance matrix entry {name} has {self.sums[name].numel()} input channels, "
+                               f"the model's tensor {columns}: the matrix was computed for another model")
+
+    def save(self, path: str | Path) -> Path:
+        """Write llama.cpp's imatrix GGUF (entries in name order, as llama-imatrix sorts them)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(target) as staging:
+            writer = gguf.GGUFWriter(staging, arch="")
+            # gguf-py always starts with general.architecture; llama-imatrix's files have none.
+            writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+            writer.add_type("imatrix")
+            writer.add_array("imatrix.datasets", list(self.datasets) or ["<unnamed>"])
+            writer.add_uint32("imatrix.chunk_count", self.chunk_count)
+            writer.add_uint32("imatrix.chunk_size", self.chunk_size)
+            for name in sorted(self.sums):
+                sums = self.sums[name].to(torch.float32).reshape(1, -1).numpy()
+                writer.add_tensor(name + SUMS, sums)
+                writer.add_tensor(name + COUNTS, np.array([[float(self.counts[name])]], dtype=np.float32))
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+        self.file = str(target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImportanceMatrix:
+        """Read an imatrix GGUF (ours or llama-imatrix's); dense entries only (one count per weight)."""
+        try:
+            reader = gguf.GGUFReader(path)
+        except (OSError, ValueError) as error:
+            raise ImatrixError(f"{path}: not a readable GGUF file ({error})") from None
+        if _string_field(reader, "general.type") != "imatrix":
+            raise ImatrixError(f"{path}: not an importance matrix (general.type is not 'imatrix'); make one with "
+                               "`stratos-lite imatrix` or llama-imatrix")
+        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+        matrix = cls(datasets=_strings_field(reader, "imatrix.datasets", path),
+                     chunk_count=_int_field(reader, "imatrix.chunk_count", path),
+                     chunk_size=_int_field(reader, "imatrix.chunk_size", path), file=str(path))
+        for tensor_name, sums in tensors.items():
+            if not tensor_name.endswith(SUMS):
+                continue
+            name = tensor_name.removesuffix(SUMS)
+            counts = tensors.get(name + COUNTS)
+            if counts is None or counts.size != 1:
+                raise ImatrixError(f"{path}: entry {name} has {'no' if counts is None else counts.size} counts; "
+                                   "only dense models' matrices (one count per weight) are supported")
+            matrix.sums[name] = torch.from_numpy(sums.reshape(-1).copy())
+            matrix.counts[name] = int(counts.reshape(-1)[0])
+        return matrix
+
+
+def _field(reader: gguf.GGUFReader, key: str, path):
+    entry = reader.fields.get(key)
+    if entry is None:
+        raise ImatrixError(f"{path}: missing {key}, which llama.cpp's imatrix files carry")
+    return entry
+
+
+def _string_field(reader: gguf.GGUFReader, key: str) -> str | None:
+    entry = reader.fields.get(key)
+    return None if entry is None else bytes(entry.parts[entry.data[0]]).decode()
+
+
+def _strings_field(reader: gguf.GGUFReader, key: str, path) -> list[str]:
+    entry = _field(reader, key, path)
+    return [bytes(entry.parts[index]).decode() for index in entry.data]
+
+
+def _int_field(reader: gguf.GGUFReader, key: str, path) -> int:
+    entry = _field(reader, key, path)
+    return int(entry.parts[entry.data[0]][0])
+
+
+# collection -----------------------------------------------------------------------------------------------
+
+def product_modules(model: Qwen3ForCausalLM, include_output: bool = False) -> dict[str, nn.Module]:
+    """GGUF weight name -> the module whose input feeds that weight's product (an adapter layer's input is
+    its base weight's input)."""
+    modules = {f"blk.{index}.{name}.weight": layer.get_submodule(path)
+               for index, layer in enumerate(model.model.layers) for path, name in LAYER_PRODUCTS.items()}
+    if include_output and not model.config.tie_word_embeddings:
+        modules[OUTPUT] = model.lm_head
+    return modules
+
+
+class _Accumulator:
+    """Forward pre-hooks that add each token's squared inputs to its weight's sums (float64, so the order in
+    which tokens arrive does not matter to the result), skipping the padding of a batch's shorter rows."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(modules, 0)
+        self.real: torch.Tensor | None = None  # (batch, time) True at real tokens, for the current batch
+
+    @contextmanager
+    def attached(self):
+        handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str):
+        def add(_module, inputs):
+            x = inputs[0]
+            tokens = x[self.real] if x.dim() == 3 else x  # the output projection sees only real positions
+            squares = tokens.float().square().sum(dim=0, dtype=torch.float64)
+            self.sums[name] = squares if name not in self.sums else self.sums[name] + squares
+            self.counts[name] += len(tokens)
+        return add
+
+
+@torch.no_grad()
+def collect_imatrix(model: Qwen3ForCausalLM, sequences: Sequence[Sequence[int]], *, pad_id: int = 0,
+                    batch_size: int = 8, include_output: bool = False, datasets: Iterable[str] = (),
+                    progress: bool = False) -> ImportanceMatrix:
+    """Run `model` (as it is: adapters active, or merged) over token `sequences` and accumulate its
+    importance matrix. Sequences run a batch at a time, right-padded, each from position 0."""
+    if not sequences:
+        raise ImatrixError("no calibration sequences: give the task's JSONL or a --calibration text")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    accumulator = _Accumulator(product_modules(model, include_output))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad little
+    try:
+        with accumulator.attached():
+            for start in tqdm(range(0, len(order), batch_size), desc="imatrix", disable=not progress):
+                batch = [sequences[i] for i in order[start:start + batch_size]]
+                ids, real = _padded(batch, pad_id, device)
+                accumulator.real = real
+                if include_output:
+                    model(ids, logits_at=real.flatten().nonzero()[:, 0])
+                else:
+                    model.model.hidden_states(ids)
+    finally:
+        model.train(was_training)
+    return ImportanceMatrix(accumulator.sums, {name: accumulator.counts[name] for name in accumulator.sums},
+                            list(datasets), len(sequences), max(len(s) for s in sequences))
+
+
+def _padded(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    real = torch.zeros((len(batch), longest), dtype=torch.bool)
+    for row, sequence in enumerate(batch):
+        ids[row, :len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+        real[row, :len(sequence)] = True
+    return ids.to(device), real.to(device)
+
+
+def text_chunks(token_ids: Sequence[int], chunk: int) -> list[list[int]]:
+    """A calibration text's tokens cut into whole chunks of `chunk` tokens, as llama-imatrix cuts its input
+    (the remainder shorter than a chunk is left out, as there)."""
+    if chunk < 1:
+        raise ImatrixError(f"the calibration chunk must be at least 1 token, got {chunk}")
+    whole = len(token_ids) // chunk
+    if whole == 0:
+        raise ImatrixError(f"the calibration text has {len(token_ids)} tokens, fewer than one chunk of {chunk}")
+    return [list(token_ids[i * chunk:(i + 1) * chunk]) for i in range(whole)]
