@@ -138,7 +138,8 @@ def quantize_with_imatrix(source, target, preset: str, imatrix) -> None:
 
 
 def imatrix(model, text_file, out, chunk: int, process_output: bool) -> None:
-    """llama-imatrix over `text_file` in chunks of `chunk` tokens (one chunk a batch), without perplexity."""
+    """llama-imatrix over `text_file` in chunks of `chunk` tokens (one chunk a batch), with an f32 KV cache
+    (its default f16 cache rounds the attention's inputs), without perplexity."""
     options = ["--process-output"] if process_output else []
     run_tool("llama-imatrix", "-m", model, "-f", text_file, "-o", out, "-c", chunk, "-b", chunk, "-t", 2,
-             "--no-ppl", *options)
+             "-ctk", "f32", "-ctv", "f32", "--no-ppl", *options)

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.dataset import ScoredDataset
 from ..model.qwen3 import Qwen3ForCausalLM
+from ..model.tokenizer import Tokenizer
 from ..storage.atomic import staged_file
-from .gguf_file import LAYER_TENSORS
+from .gguf_file import LAYER_TENSORS, ExportError
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 OUTPUT = "output.weight"
@@ -36,7 +38,7 @@ OUTPUT = "output.weight"
 LAYER_PRODUCTS = {path: name for path, name in LAYER_TENSORS.items() if not name.endswith("norm")}
 
 
-class ImatrixError(ValueError):
+class ImatrixError(ExportError):
     """An importance matrix file that cannot be read, or does not fit the model it is used with."""
 
 
@@ -202,7 +204,7 @@ def collect_imatrix(model: Qwen3ForCausalLM, sequences: Sequence[Sequence[int]],
                 if include_output:
                     model(ids, logits_at=real.flatten().nonzero()[:, 0])
                 else:
-                    model.model.hidden_states(ids)
+                    model.hidden_states(ids)
     finally:
         model.train(was_training)
     return ImportanceMatrix(accumulator.sums, {name: accumulator.counts[name] for name in accumulator.sums},
@@ -228,3 +230,31 @@ def text_chunks(token_ids: Sequence[int], chunk: int) -> list[list[int]]:
     if whole == 0:
         raise ImatrixError(f"the calibration text has {len(token_ids)} tokens, fewer than one chunk of {chunk}")
     return [list(token_ids[i * chunk:(i + 1) * chunk]) for i in range(whole)]
+
+
+def calibration_sequences(tokenizer: Tokenizer, data: Sequence[str | Path] = (), calibration: str | Path | None = None,
+                          *, max_len: int = 1024, chunk: int = 512) -> list[list[int]]:
+    """The token sequences a matrix is computed over: each record of the task's JSONL files rendered as training
+    renders it (the prompt the model will serve and its completion, shortened to max_len as in training), or,
+    with `calibration`, a plain text file cut into chunks of `chunk` tokens as llama-imatrix cuts its input."""
+    if calibration is not None:
+        try:
+            text = Path(calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ImatrixError(f"{calibration}: cannot read the calibration text ({error})") from None
+        return text_chunks(tokenizer.encode(text), chunk)
+    sequences = [example.input_ids.tolist() for path in data
+                 for example in ScoredDataset.from_jsonl(path, tokenizer, max_len).examples]
+    if not sequences:
+        raise ImatrixError("no calibration data: give the task's JSONL (train or eval) or a calibration text")
+    return sequences
+
+
+def compute_imatrix(model: Qwen3ForCausalLM, tokenizer: Tokenizer, data: Sequence[str | Path] = (),
+                    calibration: str | Path | None = None, *, max_len: int = 1024, chunk: int = 512,
+                    batch_size: int = 8, include_output: bool = False, progress: bool = False) -> ImportanceMatrix:
+    """The importance matrix of `model` over the task's records (`data`) or a calibration text."""
+    sequences = calibration_sequences(tokenizer, data, calibration, max_len=max_len, chunk=chunk)
+    sources = [str(calibration)] if calibration is not None else [str(path) for path in data]
+    return collect_imatrix(model, sequences, pad_id=tokenizer.pad_id, batch_size=batch_size,
+                           include_output=include_output, datasets=sources, progress=progress)
