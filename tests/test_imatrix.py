@@ -108,3 +108,32 @@ def test_bad_inputs_name_the_file_and_what_is_wrong(tmp_path, tokenizer):
         text_chunks(list(range(100)), 512)
     with pytest.raises(ImatrixError, match="no calibration sequences"):
         collect_imatrix(model, [])
+
+
+def test_commands_compute_the_matrix_and_export_with_and_without_it(tmp_path, demo_dir):
+    """`imatrix` writes the task's matrix; `export --imatrix-data --also-without` computes it beside the files
+    and writes each K-quant twice, the matrix's files saying so in their metadata as llama-quantize's do."""
+    import gguf
+
+    from stratos_lite.commands import main
+
+    tokenizer = sl.Tokenizer.from_pretrained(demo_dir / "tokenizer")
+    write_hf_checkpoint(tmp_path / "model", tiny_config(vocab_size=tokenizer.vocab_size, hidden_size=256,
+                                                        intermediate_size=256, head_dim=64), seed=5)
+    tokenizer.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--dtype", "float32", "--device", "cpu"]
+    main(["imatrix", *common, "--data", str(demo_dir / "eval.jsonl"), "--out", str(tmp_path / "task.imatrix.gguf")])
+    assert ImportanceMatrix.load(tmp_path / "task.imatrix.gguf").datasets == [str(demo_dir / "eval.jsonl")]
+    main(["export", *common, "--out", str(tmp_path / "out" / "s.gguf"), "--quant", "q8_0,q3_k_m",
+          "--imatrix-data", str(demo_dir / "eval.jsonl"), "--also-without"])
+    written = sorted(path.name for path in (tmp_path / "out").glob("*.gguf"))
+    assert written == ["s-q3_k_m-imatrix.gguf", "s-q3_k_m.gguf", "s-q8_0.gguf", "s.imatrix.gguf"]
+
+    def imatrix_keys(name):
+        return {k for k in gguf.GGUFReader(tmp_path / "out" / name).fields if k.startswith("quantize.imatrix")}
+
+    assert imatrix_keys("s-q3_k_m-imatrix.gguf") == {"quantize.imatrix.file", "quantize.imatrix.dataset",
+                                                     "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"}
+    assert imatrix_keys("s-q3_k_m.gguf") == imatrix_keys("s-q8_0.gguf") == set()
+    with pytest.raises(SystemExit):
+        main(["export", *common, "--out", str(tmp_path / "x.gguf"), "--also-without"])

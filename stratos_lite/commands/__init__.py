@@ -3,7 +3,7 @@
     stratos-lite demo                         the whole pipeline on the embedded demo (runs/demo)
     stratos-lite train --config FILE          train (planned first; resumes from out_dir's checkpoints)
     stratos-lite plan --config FILE           will it fit, and how long will it take?
-    stratos-lite evaluate / score / merge / export / make-demo-data
+    stratos-lite evaluate / score / merge / imatrix / export / make-demo-data
 
 Bad input ends a command with one `error: ...` line and status 2 (cli.py); `stratos-lite COMMAND --help`
 shows each command's options. The scripts in tools/ run the same commands from a clone.
@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import demo_data, evaluate, export, merge, score, train
+from . import demo_data, evaluate, export, imatrix, merge, score, train
 from .errors import run
 
 # name -> (module, function): each module says what its command does (SUMMARY), what it takes
 # (add_arguments) and does it (main).
 COMMANDS = {
     "demo": train.DEMO, "train": train.TRAIN, "plan": train.PLAN, "evaluate": evaluate.COMMAND,
-    "score": score.COMMAND, "merge": merge.COMMAND, "export": export.COMMAND, "make-demo-data": demo_data.COMMAND,
+    "score": score.COMMAND, "merge": merge.COMMAND, "imatrix": imatrix.COMMAND,
+    "export": export.COMMAND, "make-demo-data": demo_data.COMMAND,
 }
 
 

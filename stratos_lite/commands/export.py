@@ -8,12 +8,15 @@ from pathlib import Path
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
 from ..export.gguf_file import QUANTS, ExportError, export_gguf_from_folder
+from ..export.imatrix import ImportanceMatrix
 from ..export.lora_gguf import ADAPTER_TYPES, export_lora_gguf
 from ..export.modelfile import write_modelfile
 from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
+from ..export.quant_types import K_QUANTS
 from ..model.folders import folder_dtype, load_pretrained_with_adapter
 from ._command import Command
 from .evaluate import add_model_arguments, load_model_of
+from .imatrix import add_calibration_arguments, matrix_from_arguments
 
 USAGE = """Export a model folder (plus an optional DoRA adapter, merged while writing) to GGUF and an Ollama
 Modelfile beside it.
@@ -29,6 +32,14 @@ at the chosen one):
         --quant q8_0,q6_k,q4_k_m --eval-data data/eval.jsonl
 
 --dtype and --device apply to the torch model scored beside the files.
+
+With an importance matrix (`stratos-lite imatrix`, or computed here from the task's records with
+--imatrix-data) the K-quants (q3_k_m to q6_k) weigh their rounding by it, as llama-quantize --imatrix does;
+--also-without writes each K-quant without it too (NAME-QUANT.gguf beside NAME-QUANT-imatrix.gguf), so the
+scored table shows what the matrix buys:
+
+    stratos-lite export --model models/base --adapter runs/v2/adapter --out runs/v2/scorer.gguf \
+        --quant q8_0,q4_k_m,q3_k_m --imatrix-data data/train.jsonl --also-without --eval-data data/eval.jsonl
 
 A LoRA adapter can ship as an adapter instead: a llama.cpp adapter GGUF of a few MB that llama.cpp (--lora)
 and Ollama (ADAPTER) apply over the base model's GGUF, exported once for every variant; the Modelfile beside
@@ -69,14 +80,47 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                                             "(checked against it, and named by the Modelfile's FROM)")
     parser.add_argument("--adapter-dtype", default="f16", choices=list(ADAPTER_TYPES),
                         help="with --adapter-only: the adapter's tensors in f16 or f32")
+    parser.add_argument("--imatrix", metavar="FILE", help="an importance matrix GGUF for the K-quants")
+    add_calibration_arguments(parser, "--imatrix-data")
+    parser.add_argument("--also-without", action="store_true",
+                        help="with a matrix: also write each K-quant without it, to compare the two")
 
 
-def output_paths(out: str | Path, quants: list[str]) -> list[Path]:
-    """`out` itself for one quant; NAME-QUANT.gguf beside it for several."""
+def output_paths(out: str | Path, quants: list[str], with_matrix: bool = False,
+                 also_without: bool = False) -> list[tuple[str, Path, bool]]:
+    """(quant, file, with the matrix) for each file to write: `out` itself for one file, NAME-QUANT.gguf beside
+    it for several, and NAME-QUANT-imatrix.gguf for a K-quant written both with and without a matrix."""
     out = Path(out)
-    if len(quants) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{quant}{out.suffix or '.gguf'}") for quant in quants]
+    jobs = []
+    for quant in quants:
+        weighted = with_matrix and quant in K_QUANTS  # q8_0 and the float types have no use for a matrix
+        both = weighted and also_without
+        jobs += [(quant, "", False)] if both or not weighted else []
+        jobs += [(quant, "-imatrix" if both else "", True)] if weighted else []
+    if len(jobs) == 1:
+        return [(jobs[0][0], out, jobs[0][2])]
+    suffix = out.suffix or ".gguf"
+    return [(quant, out.with_name(f"{out.stem}-{quant}{tag}{suffix}"), matrix) for quant, tag, matrix in jobs]
+
+
+def _matrix(args: argparse.Namespace) -> ImportanceMatrix | None:
+    """The importance matrix asked for: read from --imatrix, or computed from --imatrix-data / --calibration
+    and saved beside --out as NAME.imatrix.gguf."""
+    if args.imatrix and (args.imatrix_data or args.calibration):
+        raise ExportError("give either --imatrix (a matrix file) or --imatrix-data / --calibration (compute one), "
+                          "not both")
+    if args.imatrix:
+        return ImportanceMatrix.load(args.imatrix)
+    if not (args.imatrix_data or args.calibration):
+        if args.also_without:
+            raise ExportError("--also-without compares files with and without a matrix: give --imatrix or "
+                              "--imatrix-data")
+        return None
+    matrix = matrix_from_arguments(args, args.imatrix_data)
+    out = Path(args.out)
+    path = matrix.save(out.with_name(f"{out.stem}.imatrix.gguf"))
+    print(f"wrote {path} ({len(matrix.sums)} entries over {matrix.chunk_count} sequences)")
+    return matrix
 
 
 def _export_adapter(args: argparse.Namespace, system: str | None) -> None:
@@ -93,10 +137,13 @@ def _main(args: argparse.Namespace) -> None:
     system = None if args.no_system else SYSTEM_PROMPT
     if args.adapter_only:
         return _export_adapter(args, system)
-    paths = output_paths(args.out, args.quant)
-    for quant, path in zip(args.quant, paths, strict=True):
-        export_gguf_from_folder(args.model, path, args.adapter, quant, name=args.name, modelfile=False)
+    matrix = _matrix(args)
+    jobs = output_paths(args.out, args.quant, matrix is not None, args.also_without)
+    for quant, path, with_matrix in jobs:
+        export_gguf_from_folder(args.model, path, args.adapter, quant, name=args.name, modelfile=False,
+                                imatrix=matrix if with_matrix else None)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    paths = [path for _, path, _ in jobs]
     chosen = paths[0]
     write_modelfile(chosen, system)  # in place before scoring: the served-prompt checks read it
     if args.eval_data:

@@ -13,6 +13,7 @@ from ..data.records import ParsedRecord
 from ..model.lora import adapters_disabled
 from ..storage.atomic import write_text
 from ..train.metrics_log import log_generation_metrics
+from .divergence import next_token_kl
 from .engines import LlamaCppEngine, TorchEngine, gguf_column
 from .metrics import agreement, metrics, spread_check
 from .predictions import Prediction, load_eval_records, predict, read_predictions, write_predictions
@@ -22,11 +23,12 @@ from .serving import served_prompt_checks
 
 def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], reference: Sequence[Prediction],
                   out_dir: Path, max_new_tokens: int = 160, threshold: float = 5.0, progress: bool = True,
-                  lora: str | Path | None = None, **engine_options) -> tuple[dict, list[Prediction]]:
+                  lora: str | Path | None = None, model=None, **engine_options) -> tuple[dict, list[Prediction]]:
     """The same records through llama.cpp (the file `path`, with the LoRA adapter file `lora` over it when
     given): its predictions (also written to predictions_<file stem>[+<adapter stem>].jsonl) and their metrics,
     throughput, agreement with `reference` (the torch model's predictions) and the served-prompt checks (of
-    the Modelfile beside the adapter, or beside the file)."""
+    the Modelfile beside the adapter, or beside the file); with `model` (the torch model), the file's mean
+    next-token KL divergence from it over the records' completions (divergence.py)."""
     path = Path(path)
     engine = LlamaCppEngine(path, lora=lora, **engine_options)
     try:
@@ -40,6 +42,9 @@ def evaluate_gguf(path: str | Path, tokenizer, records: Sequence[ParsedRecord], 
     summary = {**metrics(predictions, threshold), "examples_per_s": rate, "file": str(path),
                **({"lora": str(lora)} if lora else {}),
                "agreement": agreement(predictions, reference), "prompt_checks": [c.to_dict() for c in checks]}
+    if model is not None:
+        summary["kl_divergence"] = next_token_kl(model, tokenizer, records, path, lora,
+                                                 engine_options.get("n_gpu_layers"))
     return summary, predictions
 
 
@@ -75,7 +80,7 @@ def evaluate(model, tokenizer, eval_path: str | Path, out_dir: str | Path, *, ba
     for path, lora in [*((path, None) for path in gguf), *gguf_lora]:
         name = gguf_column(path, lora)
         engines[name], columns[name] = evaluate_gguf(path, tokenizer, records, predictions, out, max_new_tokens,
-                                                     threshold, progress, lora, **(gguf_options or {}))
+                                                     threshold, progress, lora, model, **(gguf_options or {}))
     charts = write_charts(out, columns)
     others: dict[str, Sequence[Prediction]] = {}
     baseline_metrics = None

@@ -115,6 +115,10 @@ def engines_markdown(torch_name: str, result: dict, engines: dict[str, dict]) ->
                                 ("Spearman with torch", "spearman", False)):
         lines.append(f"| {label} | - | " + " | ".join(_fmt(e["agreement"][key], percent=percent)
                                                      for e in engines.values()) + " |")
+    if any("kl_divergence" in e for e in engines.values()):
+        lines.append("| Next-token KL from torch (completions) | - | "
+                     + " | ".join("n/a" if e.get("kl_divergence") is None else f"{e['kl_divergence']:.3g}"
+                                for e in engines.values()) + " |")
     lines += ["", "## Prompts servers will build", "",
               "Each GGUF's chat template and Modelfile rendered for the first example's messages, tokenized by the "
               "GGUF's own vocabulary, against the prompt ids the model was trained on.", ""]

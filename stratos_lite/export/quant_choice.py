@@ -27,6 +27,7 @@ class QuantScore:
     direction_accuracy: float | None
     parse_failures: int
     agreement: float | None  # share of examples within 0.5 points of the torch model's score
+    kl_divergence: float | None = None  # mean next-token KL from the torch model over the eval completions
 
     @property
     def name(self) -> str:
@@ -34,13 +35,18 @@ class QuantScore:
 
 
 def quant_scores(result: dict) -> list[QuantScore]:
-    """A row per whole GGUF file that `evaluate` scored, smallest file first (a base with a LoRA adapter file
-    over it is a pair, not a quant of the model, and is left out)."""
+    """A row per whole GGUF file that `evaluate` scored, smallest file first, and of files of one size (a quant
+    with and without an importance matrix) the one nearer the torch model first (a base with a LoRA adapter
+    file over it is a pair, not a quant of the model, and is left out)."""
     rows = [QuantScore(Path(engine["file"]), Path(engine["file"]).stat().st_size, engine["examples_per_s"],
                        engine["spearman"], engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
-                       engine["agreement"]["within_0_5"])
+                       engine["agreement"]["within_0_5"], engine.get("kl_divergence"))
             for engine in result.get("engines", {}).values() if "lora" not in engine]
-    return sorted(rows, key=lambda row: row.size_bytes)
+    return sorted(rows, key=lambda row: (row.size_bytes, _nearness(row)))
+
+
+def _nearness(row: QuantScore) -> float:
+    return float("inf") if row.kl_divergence is None else row.kl_divergence
 
 
 def within_tolerance(row: QuantScore, result: dict, tolerance: float = SPEARMAN_TOLERANCE) -> bool:
@@ -63,14 +69,18 @@ def format_quant_table(result: dict, tolerance: float = SPEARMAN_TOLERANCE) -> s
     def number(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| file | MB | examples/s | Spearman | MAE | direction | parse failures | agrees with torch | within |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    def divergence(value):  # three significant digits: a good quant's divergence is far below 0.001
+        return "n/a" if value is None else f"{value:.3g}"
+
+    lines = ["| file | MB | examples/s | Spearman | MAE | direction | parse failures | agrees with torch | "
+             "KL from torch | within |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
              f"| torch model | | {number(result.get('examples_per_s'), 1)} | {number(result['spearman'])} | "
-             f"{number(result['mae'])} | {number(result['direction_accuracy'])} | {result['parse_failures']} | | |"]
+             f"{number(result['mae'])} | {number(result['direction_accuracy'])} | {result['parse_failures']} | | | |"]
     for row in quant_scores(result):
         lines.append(f"| {row.name} | {row.size_bytes / 1e6:.1f} | {number(row.examples_per_s, 1)} | "
                      f"{number(row.spearman)} | {number(row.mae)} | {number(row.direction_accuracy)} | "
-                     f"{row.parse_failures} | {number(row.agreement)} | "
+                     f"{row.parse_failures} | {number(row.agreement)} | {divergence(row.kl_divergence)} | "
                      f"{'yes' if within_tolerance(row, result, tolerance) else 'no'} |")
     choice = smallest_within(result, tolerance)
     rule = (f"Spearman within {tolerance} of the torch model's and no new parse failures" if result["spearman"]

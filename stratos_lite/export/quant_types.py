@@ -28,6 +28,7 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 BASE_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q6_k": T.Q6_K, "q5_k_m": T.Q5_K,
               "q4_k_m": T.Q4_K, "q3_k_m": T.Q3_K}
 MIXED = ("q4_k_m", "q5_k_m")  # the presets that give attn_v and ffn_down more bits in some layers
+K_QUANTS = ("q3_k_m", "q4_k_m", "q5_k_m", "q6_k")  # the file types an importance matrix changes
 FALLBACKS = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 Q3_K_M_FIRST_V = 2  # q3_k_m: the first two attn_v tensors get Q5_K, the rest Q4_K
 
