@@ -11,8 +11,7 @@ from ..export.gguf_file import QUANTS, ExportError, export_gguf_from_folder
 from ..export.imatrix import ImportanceMatrix
 from ..export.lora_gguf import ADAPTER_TYPES, export_lora_gguf
 from ..export.modelfile import write_modelfile
-from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, smallest_within
-from ..export.quant_types import K_QUANTS
+from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, quant_files, smallest_within
 from ..model.folders import folder_dtype, load_pretrained_with_adapter
 from ._command import Command
 from .evaluate import add_model_arguments, load_model_of
@@ -86,23 +85,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="with a matrix: also write each K-quant without it, to compare the two")
 
 
-def output_paths(out: str | Path, quants: list[str], with_matrix: bool = False,
-                 also_without: bool = False) -> list[tuple[str, Path, bool]]:
-    """(quant, file, with the matrix) for each file to write: `out` itself for one file, NAME-QUANT.gguf beside
-    it for several, and NAME-QUANT-imatrix.gguf for a K-quant written both with and without a matrix."""
-    out = Path(out)
-    jobs = []
-    for quant in quants:
-        weighted = with_matrix and quant in K_QUANTS  # q8_0 and the float types have no use for a matrix
-        both = weighted and also_without
-        jobs += [(quant, "", False)] if both or not weighted else []
-        jobs += [(quant, "-imatrix" if both else "", True)] if weighted else []
-    if len(jobs) == 1:
-        return [(jobs[0][0], out, jobs[0][2])]
-    suffix = out.suffix or ".gguf"
-    return [(quant, out.with_name(f"{out.stem}-{quant}{tag}{suffix}"), matrix) for quant, tag, matrix in jobs]
-
-
 def _matrix(args: argparse.Namespace) -> ImportanceMatrix | None:
     """The importance matrix asked for: read from --imatrix, or computed from --imatrix-data / --calibration
     and saved beside --out as NAME.imatrix.gguf."""
@@ -138,7 +120,7 @@ def _main(args: argparse.Namespace) -> None:
     if args.adapter_only:
         return _export_adapter(args, system)
     matrix = _matrix(args)
-    jobs = output_paths(args.out, args.quant, matrix is not None, args.also_without)
+    jobs = quant_files(args.out, args.quant, matrix is not None, args.also_without)
     for quant, path, with_matrix in jobs:
         export_gguf_from_folder(args.model, path, args.adapter, quant, name=args.name, modelfile=False,
                                 imatrix=matrix if with_matrix else None)

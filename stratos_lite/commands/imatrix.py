@@ -30,15 +30,17 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, option: str) -> N
     parser.add_argument("--chunk", type=int, default=512, help="with --calibration: tokens per chunk")
     parser.add_argument("--max-len", type=int, default=1024, help="records longer than this are shortened, "
                                                                    "as training shortens them")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="at most this many records or chunks, spread evenly over them (0: all)")
     parser.add_argument("--process-output", action="store_true",
                         help="also collect the output projection's input, as llama-imatrix --process-output")
 
 
-def matrix_from_arguments(args: argparse.Namespace, data: list[str], model=None, tokenizer=None):
-    if model is None:
-        model, tokenizer = load_model_of(args)
+def matrix_from_arguments(args: argparse.Namespace, data: list[str]):
+    model, tokenizer = load_model_of(args)
     return compute_imatrix(model, tokenizer, data, args.calibration, max_len=args.max_len, chunk=args.chunk,
-                           batch_size=args.batch_size, include_output=args.process_output, progress=True)
+                           limit=args.limit, batch_size=args.batch_size, include_output=args.process_output,
+                           progress=True)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,9 +25,10 @@ from ..data.dataset import ScoredDataset
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
 from ..export.gguf_file import export_gguf, export_gguf_from_folder
+from ..export.imatrix import compute_imatrix
 from ..export.lora_gguf import export_lora_gguf
 from ..export.modelfile import write_modelfile
-from ..export.quant_choice import SPEARMAN_TOLERANCE, smallest_within
+from ..export.quant_choice import SPEARMAN_TOLERANCE, quant_files, smallest_within
 from ..model.folders import load_pretrained_with_adapter, save_pretrained
 from ..model.lora import adapters_disabled, merge_adapters, summarize
 from ..model.tokenizer import Tokenizer
@@ -86,8 +87,7 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     # base (base_quant "nf4") is not what ships: the adapter goes into the base folder's own weights.
     shipping = model if dora_cfg.base_quant == "none" else load_pretrained_with_adapter(
         out / "base_model", out / "dora" / "adapter", dtype=model.model.embed_tokens.weight.dtype)[0]
-    ggufs = [export_gguf(shipping, tokenizer, out / f"scorer-{quant}.gguf", quant=quant, name="stratos-demo-scorer",
-                         modelfile=False) for quant in config.export["quants"]]
+    ggufs = export_quants(shipping, tokenizer, out, config, paths["train"], dora_cfg.max_len, lap)
     write_modelfile(ggufs[0], SYSTEM_PROMPT)  # the served-prompt checks read it; it follows the choice below
     pairs = [ship_lora_adapter(model, out, config.export["quants"][0])] if dora_cfg.mode == "lora" else []
     lap("GGUF export")
@@ -122,6 +122,23 @@ def run_demo(config: DemoConfig | None = None, reuse: bool = False) -> dict:
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary
+
+
+def export_quants(shipping, tokenizer, out: Path, config: DemoConfig, train_path: Path, max_len: int,
+                  lap) -> list[Path]:
+    """Each of [export] quants as out/scorer-QUANT.gguf; with imatrix_records, the importance matrix of that
+    many training records (out/imatrix.gguf) and each K-quant also written with it (scorer-QUANT-imatrix.gguf)."""
+    records = config.export.get("imatrix_records", 0)
+    matrix = None
+    if records:
+        matrix = compute_imatrix(shipping, tokenizer, [train_path], max_len=max_len, limit=records, batch_size=16)
+        matrix.save(out / "imatrix.gguf")
+        lap("importance matrix")
+    files = quant_files(out / "scorer.gguf", config.export["quants"], matrix is not None, also_without=True)
+    for quant, path, with_matrix in files:
+        export_gguf(shipping, tokenizer, path, quant=quant, name="stratos-demo-scorer", modelfile=False,
+                    imatrix=matrix if with_matrix else None)
+    return [path for _, path, _ in files]
 
 
 def ship_lora_adapter(model, out: Path, quant: str) -> tuple[Path, Path]:

@@ -233,28 +233,37 @@ def text_chunks(token_ids: Sequence[int], chunk: int) -> list[list[int]]:
 
 
 def calibration_sequences(tokenizer: Tokenizer, data: Sequence[str | Path] = (), calibration: str | Path | None = None,
-                          *, max_len: int = 1024, chunk: int = 512) -> list[list[int]]:
+                          *, max_len: int = 1024, chunk: int = 512, limit: int = 0) -> list[list[int]]:
     """The token sequences a matrix is computed over: each record of the task's JSONL files rendered as training
     renders it (the prompt the model will serve and its completion, shortened to max_len as in training), or,
-    with `calibration`, a plain text file cut into chunks of `chunk` tokens as llama-imatrix cuts its input."""
+    with `calibration`, a plain text file cut into chunks of `chunk` tokens as llama-imatrix cuts its input.
+    limit: at most this many sequences, spread evenly over all of them (0: every one)."""
     if calibration is not None:
         try:
             text = Path(calibration).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ImatrixError(f"{calibration}: cannot read the calibration text ({error})") from None
-        return text_chunks(tokenizer.encode(text), chunk)
+        return _spread(text_chunks(tokenizer.encode(text), chunk), limit)
     sequences = [example.input_ids.tolist() for path in data
                  for example in ScoredDataset.from_jsonl(path, tokenizer, max_len).examples]
     if not sequences:
         raise ImatrixError("no calibration data: give the task's JSONL (train or eval) or a calibration text")
-    return sequences
+    return _spread(sequences, limit)
+
+
+def _spread(sequences: list[list[int]], limit: int) -> list[list[int]]:
+    """`limit` of the sequences at even steps through them (all when limit is 0 or not below their number)."""
+    if not limit or limit >= len(sequences):
+        return sequences
+    return [sequences[i * len(sequences) // limit] for i in range(limit)]
 
 
 def compute_imatrix(model: Qwen3ForCausalLM, tokenizer: Tokenizer, data: Sequence[str | Path] = (),
-                    calibration: str | Path | None = None, *, max_len: int = 1024, chunk: int = 512,
+                    calibration: str | Path | None = None, *, max_len: int = 1024, chunk: int = 512, limit: int = 0,
                     batch_size: int = 8, include_output: bool = False, progress: bool = False) -> ImportanceMatrix:
-    """The importance matrix of `model` over the task's records (`data`) or a calibration text."""
-    sequences = calibration_sequences(tokenizer, data, calibration, max_len=max_len, chunk=chunk)
+    """The importance matrix of `model` over the task's records (`data`) or a calibration text (at most
+    `limit` sequences of them, spread evenly; 0: all)."""
+    sequences = calibration_sequences(tokenizer, data, calibration, max_len=max_len, chunk=chunk, limit=limit)
     sources = [str(calibration)] if calibration is not None else [str(path) for path in data]
     return collect_imatrix(model, sequences, pad_id=tokenizer.pad_id, batch_size=batch_size,
                            include_output=include_output, datasets=sources, progress=progress)

@@ -75,9 +75,7 @@ def affine_scale(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float,
     high = x.amax(dim=0)
     minimum = x.amin(dim=0).clamp(max=0)
     flat = high == minimum
-    # The trial codes beside x, so that one multiply by w * l gives both w * l * l and w * l * x.
-    codes_and_x = torch.stack([torch.empty_like(x), x], dim=1)
-    trial = codes_and_x[:, 0]
+    trial = torch.empty_like(x)
     terms = torch.empty(x.shape[0], 3, x.shape[1])  # w * l, w * l * l, w * l * x, summed together
     error_terms = torch.empty_like(x)
     inverse = divided(nmax, high - minimum)
@@ -94,7 +92,8 @@ def affine_scale(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float,
         inverse = numerator / (high - minimum)
         _affine_codes(x, inverse, minimum, nmax, out=trial)
         weighted = torch.mul(weights, trial, out=terms[:, 0])
-        torch.mul(weighted.unsqueeze(1), codes_and_x, out=terms[:, 1:])
+        torch.mul(weighted, trial, out=terms[:, 1])
+        torch.mul(weighted, x, out=terms[:, 2])
         sum_l, sum_l2, sum_xl = sequential_sum(terms, 0)
         det = sum_w * sum_l2 - sum_l * sum_l
         trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det

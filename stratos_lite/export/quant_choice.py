@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .quant_types import K_QUANTS
+
 SPEARMAN_TOLERANCE = 0.02
 
 
@@ -32,6 +34,23 @@ class QuantScore:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def quant_files(out: str | Path, quants: list[str], with_matrix: bool = False,
+                 also_without: bool = False) -> list[tuple[str, Path, bool]]:
+    """(quant, file, with the matrix) for each file to write: `out` itself for one file, NAME-QUANT.gguf beside
+    it for several, and NAME-QUANT-imatrix.gguf for a K-quant written both with and without a matrix."""
+    out = Path(out)
+    jobs = []
+    for quant in quants:
+        weighted = with_matrix and quant in K_QUANTS  # q8_0 and the float types have no use for a matrix
+        both = weighted and also_without
+        jobs += [(quant, "", False)] if both or not weighted else []
+        jobs += [(quant, "-imatrix" if both else "", True)] if weighted else []
+    if len(jobs) == 1:
+        return [(jobs[0][0], out, jobs[0][2])]
+    suffix = out.suffix or ".gguf"
+    return [(quant, out.with_name(f"{out.stem}-{quant}{tag}{suffix}"), matrix) for quant, tag, matrix in jobs]
 
 
 def quant_scores(result: dict) -> list[QuantScore]:
