@@ -51,6 +51,9 @@ def run_seed(seed: int, overlay: Path | None, out: Path) -> dict:
     after = summary["after"]
     return {"seed": seed, "spearman": after["spearman"], "mae": after["mae"],
             "gguf_spearman": {name: row["spearman"] for name, row in summary.get("gguf", {}).items()},
+            "gguf_kl": {name: row.get("kl_divergence") for name, row in summary.get("gguf", {}).items()},
+            "gguf_mb": {name: row.get("size_mb") for name, row in summary.get("gguf", {}).items()},
+            "chosen_gguf": summary.get("chosen_gguf"),
             "spread": after.get("predicted_spread"), "truth_spread": after.get("truth_spread"),
             "parse_failures": after["parse_failures"],
             "adapters_off_spearman": summary["before"]["spearman"],
@@ -70,6 +73,23 @@ def format_row(row: dict) -> str:
             f"{errors['sector']} / {errors['topic']} / {errors['country']} | {row['seconds']:.0f} s |")
 
 
+def print_quant_table(rows: list[dict]) -> None:
+    """Each GGUF file's Spearman and next-token KL from the torch model, seed by seed, and the file chosen."""
+    names = list(rows[0]["gguf_spearman"])
+    if not names:
+        return
+    print("\n| file | MB | " + " | ".join(f"seed {r['seed']}: Spearman, KL" for r in rows) + " |")
+    print("|---|---:|" + "---:|" * len(rows))
+    for name in names:
+        cells = []
+        for r in rows:
+            kl = r["gguf_kl"].get(name)
+            cells.append(f"{r['gguf_spearman'][name]:.3f}, " + ("n/a" if kl is None else f"{kl:.3g}"))
+        print(f"| {name} | {rows[0]['gguf_mb'][name]:.2f} | " + " | ".join(cells) + " |")
+    print("| torch model | | " + " | ".join(f"{r['spearman']:.3f}" for r in rows) + " |")
+    print("| chosen | | " + " | ".join(str(r["chosen_gguf"]) for r in rows) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=seed_list, default=seed_list("0-7"))
@@ -85,6 +105,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(format_row(row))
+    print_quant_table(rows)
     worst = min(rows, key=lambda r: -1.0 if r["spearman"] is None else r["spearman"])
     print(f"\nworst seed: {worst['seed']} (Spearman {worst['spearman']}, MAE {worst['mae']:.3f})")
 

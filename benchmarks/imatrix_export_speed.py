@@ -1,10 +1,12 @@
 """K-quant export with an importance matrix against the same export without one, beside llama.cpp's quantizer
 doing the same (llama-quantize with and without --imatrix), in one run.
 
-    python benchmarks/imatrix_export_speed.py [--quant q4_k_m] [--folder /tmp/sl_imatrix_bench]
+    export STRATOS_LLAMA_TOOLS=$(bash scripts/build_llama_tools.sh)
+    python benchmarks/imatrix_export_speed.py [--shape qwen3-0.6b|demo] [--quant q4_k_m] [--folder DIR]
 
 The model has Qwen3-0.6B's shape (hidden 1024, 28 layers, 16/8 heads of 128, MLP 3072, vocabulary 151,936,
-tied embeddings), random bf16 weights with a DoRA r16 adapter; the matrix is collected over 64 rendered demo
+tied embeddings) or the demo's (demo.toml's [model], vocabulary 2048), random bf16 weights with a DoRA r16
+adapter; the matrix is collected over 64 rendered demo
 prompts of 256 tokens with the adapter on (its time is reported on its own). stratos_lite exports from the
 base folder + adapter (merging on the way, as `export` does); llama.cpp quantizes the f16 GGUF of the merged
 model that stratos_lite writes, with our matrix file. Each export runs in a fresh interpreter; the figure is
@@ -30,7 +32,15 @@ QWEN3_06B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_s
                  head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960, rope_theta=1e6)
 
 
-def write_inputs(folder: Path) -> None:
+def shape(name: str) -> dict:
+    if name == "qwen3-0.6b":
+        return QWEN3_06B
+    from stratos_lite.demo.config import DemoConfig
+
+    return {**QWEN3_06B, **DemoConfig().model, "vocab_size": 2048}
+
+
+def write_inputs(folder: Path, config: dict) -> None:
     """The base folder, its DoRA adapter, and the importance matrix (with the seconds it took)."""
     import stratos_lite as sl
     from stratos_lite.demo.data import PROFILES
@@ -38,8 +48,9 @@ def write_inputs(folder: Path) -> None:
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(QWEN3_06B))
+        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(config))
     model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model.tie_weights()  # to_empty gives the head storage of its own
     model.initialize_weights()
     tokenizer = sl.train_chatml_tokenizer([p.text() for p in PROFILES] * 4, vocab_size=1024)
     sl.save_pretrained(model, tokenizer, folder / "base", max_shard_size="400MB")
@@ -72,6 +83,7 @@ def ours(folder: Path, quant: str, with_matrix: bool) -> float:
 
 def llama_quantize(folder: Path, quant: str, with_matrix: bool) -> float:
     import llama_oracle
+
     from stratos_lite.export.gguf_file import export_gguf_from_folder
 
     f16 = folder / "merged-f16.gguf"
@@ -90,17 +102,19 @@ def child(route: str, folder: Path, quant: str, with_matrix: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/sl_imatrix_bench"))
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "demo"])
+    parser.add_argument("--folder", type=Path, help="where the inputs are made once (default /tmp/sl_imatrix_SHAPE)")
     parser.add_argument("--quant", default="q4_k_m", choices=["q6_k", "q5_k_m", "q4_k_m", "q3_k_m"])
     parser.add_argument("--child", choices=["ours", "llama"])
     parser.add_argument("--with-matrix", action="store_true")
     args = parser.parse_args()
+    args.folder = args.folder or Path(f"/tmp/sl_imatrix_{args.shape}")
     if args.child:
         return child(args.child, args.folder, args.quant, args.with_matrix)
     if not (args.folder / "imatrix.gguf").is_file():
-        write_inputs(args.folder)
+        write_inputs(args.folder, shape(args.shape))
     collected = json.loads((args.folder / "imatrix_seconds.json").read_text())
-    print(f"Qwen3-0.6B shape, DoRA r16, {args.quant}; matrix collected over {collected['tokens']} tokens in "
+    print(f"{args.shape} shape, DoRA r16, {args.quant}; matrix collected over {collected['tokens']} tokens in "
           f"{collected['seconds']:.1f} s")
     times = {}
     for route in ("llama", "ours"):

@@ -160,6 +160,8 @@ def _headline(result: dict) -> dict:
     headline = {k: result[k] for k in keys}
     if "file" in result:  # a base with an adapter over it: what each variant adds is the adapter file
         headline["size_mb"] = Path(result.get("lora", result["file"])).stat().st_size / 1e6
+    if "kl_divergence" in result:
+        headline["kl_divergence"] = result["kl_divergence"]
     if "agreement" in result:
         headline["agreement_within_0_5"] = result["agreement"]["within_0_5"]
         headline["prompt_checks_failed"] = sum(not c["ok"] for c in result["prompt_checks"])
@@ -185,7 +187,11 @@ def format_summary(summary: dict) -> str:
     def cell(value, percent=False):
         if value is None:
             return "n/a"
-        return f"{100 * value:.1f}%" if percent else (f"{value:.3f}" if isinstance(value, float) else str(value))
+        if percent:
+            return f"{100 * value:.1f}%"
+        if isinstance(value, float):  # a divergence far below 0.001 keeps three significant digits
+            return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+        return str(value)
 
     after = summary["after"]
     columns = {"adapters off": summary["before"], "adapters on": after, **summary.get("gguf", {})}
@@ -193,15 +199,16 @@ def format_summary(summary: dict) -> str:
             ("Spearman rho", "spearman", False), ("PSR", "psr", True), ("think empty", "think_empty_rate", True),
             ("parse failures", "parse_failures", False), ("examples/s", "examples_per_s", False),
             ("file MB", "size_mb", False),
-            ("agrees with torch", "agreement_within_0_5", True),
+            ("agrees with torch", "agreement_within_0_5", True), ("next-token KL", "kl_divergence", False),
             ("served prompt errors", "prompt_checks_failed", False)]
-    width = 22 + 20 * len(columns)
-    lines = ["", f"{'metric':<22}" + "".join(f"{name:>20}" for name in columns), "-" * width]
-    lines += [f"{name:<22}" + "".join(f"{cell(c.get(key), pct):>20}" for c in columns.values())
+    column = max(20, *(len(name) + 2 for name in columns))
+    width = 22 + column * len(columns)
+    lines = ["", f"{'metric':<22}" + "".join(f"{name:>{column}}" for name in columns), "-" * width]
+    lines += [f"{name:<22}" + "".join(f"{cell(c.get(key), pct):>{column}}" for c in columns.values())
               for name, key, pct in rows]
     if "truth_spread" in after:
         lines.append(f"{'spread (truth ' + format(after['truth_spread'], '.2f') + ')':<22}"
-                     f"{cell(after.get('adapters_off_spread')):>20}{cell(after['predicted_spread']):>20}")
+                     f"{cell(after.get('adapters_off_spread')):>{column}}{cell(after['predicted_spread']):>{column}}")
     if summary.get("gguf"):
         chosen = summary.get("chosen_gguf")
         lines.append(f"smallest GGUF within {SPEARMAN_TOLERANCE} Spearman of the torch model, no new parse failures: "
