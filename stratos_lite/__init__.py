@@ -4,6 +4,7 @@
     prepare_model                                                            the model a TrainConfig trains
     evaluate (TorchEngine, LlamaCppEngine)                                   score by generation, and the GGUF
     save_adapter / merge_adapters / save_pretrained / export_gguf (or export_lora_gguf)   ship: PEFT, HF folder, GGUF
+    compute_imatrix (ImportanceMatrix)                                       the task's importance matrix for K-quants
     format_quant_table / smallest_within                                     which GGUF quant to ship
 
 The `stratos-lite` command runs the same as subcommands (stratos_lite/commands).
@@ -19,6 +20,7 @@ from .evaluation.engines import EngineError, LlamaCppEngine, TorchEngine
 from .evaluation.evaluate import evaluate
 from .evaluation.predictions import Prediction, read_predictions
 from .export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from .export.imatrix import ImatrixError, ImportanceMatrix, collect_imatrix, compute_imatrix
 from .export.lora_gguf import export_lora_gguf
 from .export.quant_choice import format_quant_table, smallest_within
 from .export.quant_types import QuantFallbackWarning
@@ -53,6 +55,8 @@ __all__ = [
     "DoRALinear",
     "EngineError",
     "ExportError",
+    "ImatrixError",
+    "ImportanceMatrix",
     "Interrupted",
     "KVCache",
     "LlamaCppEngine",
@@ -80,7 +84,9 @@ __all__ = [
     "apply_dora",
     "apply_lora",
     "collate",
+    "collect_imatrix",
     "compute_dtype",
+    "compute_imatrix",
     "evaluate",
     "export_gguf",
     "export_gguf_from_folder",

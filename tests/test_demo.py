@@ -8,6 +8,7 @@ from isolation import call_in_child
 
 from stratos_lite.demo.config import DemoConfig
 from stratos_lite.demo.run import run_demo
+from stratos_lite.export.imatrix import ImportanceMatrix
 
 
 def test_demo_pipeline_tiny(tmp_path, capfd):
@@ -25,11 +26,18 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     assert metrics["examples"] == 9 and "baseline" in metrics
     assert (out / "eval" / "eval_report.md").read_text().startswith("# Evaluation report")
     assert json.loads((out / "eval_before" / "metrics.json").read_text())["examples"] == 9
-    for quant in ("q8_0", "q4_k_m"):  # both exported and scored; the Modelfile serves the chosen one
-        reader = gguf.GGUFReader(out / f"scorer-{quant}.gguf")
-        assert len(reader.tensors) == 2 + 11 * config.model["num_hidden_layers"]
-        shipped = summary["gguf"][f"scorer-{quant}.gguf"]
+    layers = config.model["num_hidden_layers"]
+    # Every quant exported and scored, each K-quant also with the training records' importance matrix; the
+    # Modelfile serves the chosen one.
+    for name in ("q8_0", "q4_k_m", "q4_k_m-imatrix", "q3_k_m", "q3_k_m-imatrix"):
+        reader = gguf.GGUFReader(out / f"scorer-{name}.gguf")
+        assert len(reader.tensors) == 2 + 11 * layers
+        assert ("quantize.imatrix.entries_count" in reader.fields) == name.endswith("imatrix")
+        shipped = summary["gguf"][f"scorer-{name}.gguf"]
         assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0  # served prompts, every quant
+        assert shipped["kl_divergence"] >= 0
+    matrix = ImportanceMatrix.load(out / "imatrix.gguf")
+    assert len(matrix.sums) == 7 * layers and matrix.datasets == [str(out / "data" / "train.jsonl")]
     chosen = summary["chosen_gguf"] or "scorer-q8_0.gguf"
     assert (out / "Modelfile").read_text().startswith(f"FROM ./{chosen}")
     assert json.loads((out / "dora" / "sampler_verification.json").read_text())["batches"] == 50

@@ -80,15 +80,33 @@ def test_padding_does_not_count(tmp_path, tokenizer):
         torch.testing.assert_close(together.sums[name], alone.sums[name], rtol=1e-5, atol=1e-9)
 
 
-def test_task_prompts_are_rendered_as_training_renders_them(tmp_path, demo_dir):
+def test_task_records_count_the_positions_that_predict_the_completion(tmp_path, demo_dir):
+    """Records rendered as training renders them; by default only the positions whose next token is part of
+    the completion are summed (each equal to the matrix of that slice of positions alone), with "all" every one."""
     tokenizer = sl.Tokenizer.from_pretrained(demo_dir / "tokenizer")
     model = tiny_model(tmp_path, vocab_size=tokenizer.vocab_size)
     data = demo_dir / "eval.jsonl"
-    sequences = calibration_sequences(tokenizer, [data], max_len=1024)
     dataset = sl.ScoredDataset.from_jsonl(data, tokenizer, 1024)
+    sequences, counted = calibration_sequences(tokenizer, [data], max_len=1024)
     assert sequences == [example.input_ids.tolist() for example in dataset.examples]
+    prompt_lengths = [int((e.labels == -100).sum()) for e in dataset.examples]
+    assert counted == [(p - 1, len(s) - 1) for p, s in zip(prompt_lengths, sequences, strict=True)]
     matrix = compute_imatrix(model, tokenizer, [data], max_len=1024, batch_size=16)
-    assert matrix.datasets == [str(data)] and matrix.counts["blk.1.attn_q.weight"] == sum(dataset.lengths)
+    assert matrix.datasets == [str(data)]
+    assert matrix.counts["blk.1.attn_q.weight"] == sum(end - start for start, end in counted)
+    # The first sequence alone: its counted positions' squared inputs, from a forward pass of the whole of it.
+    first = collect_imatrix(model, sequences[:1], counted=counted[:1])
+    inputs = {}
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(torch.tensor(sequences[:1]))
+    handle.remove()
+    start, end = counted[0]
+    expected = inputs["x"][0, start:end].double().square().sum(0)
+    torch.testing.assert_close(first.sums["blk.1.ffn_down.weight"], expected, rtol=1e-5, atol=1e-9)
+    everything = compute_imatrix(model, tokenizer, [data], max_len=1024, positions="all", batch_size=16)
+    assert everything.counts["blk.1.attn_q.weight"] == sum(dataset.lengths)
+    assert compute_imatrix(model, tokenizer, [data], limit=3).chunk_count == 3
 
 
 def test_bad_inputs_name_the_file_and_what_is_wrong(tmp_path, tokenizer):
@@ -108,6 +126,8 @@ def test_bad_inputs_name_the_file_and_what_is_wrong(tmp_path, tokenizer):
         text_chunks(list(range(100)), 512)
     with pytest.raises(ImatrixError, match="no calibration sequences"):
         collect_imatrix(model, [])
+    with pytest.raises(ImatrixError, match="positions must be one of completion, all, got 'prompt'"):
+        calibration_sequences(tokenizer, [], positions="prompt")
 
 
 def test_commands_compute_the_matrix_and_export_with_and_without_it(tmp_path, demo_dir):

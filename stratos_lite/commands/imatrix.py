@@ -11,7 +11,8 @@ from .evaluate import add_model_arguments, load_model_of
 USAGE = """Compute the importance matrix llama.cpp's K-quants weigh their rounding by: the torch model (a merged
 model, or a base with its adapter as trained) runs over the task's records, each rendered as training renders
 it (the prompt it will serve and its completion), and every layer's input channels' squared activations are
-summed. Written as llama.cpp's imatrix GGUF, which `export --imatrix` and llama-quantize --imatrix read.
+summed at the positions that predict the completion (--positions all: at every position, as llama-imatrix).
+Written as llama.cpp's imatrix GGUF, which `export --imatrix` and llama-quantize --imatrix read.
 
     stratos-lite imatrix --model models/base --adapter runs/v2/adapter --data data/train.jsonl \\
         --out runs/v2/imatrix.gguf
@@ -30,6 +31,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, option: str) -> N
     parser.add_argument("--chunk", type=int, default=512, help="with --calibration: tokens per chunk")
     parser.add_argument("--max-len", type=int, default=1024, help="records longer than this are shortened, "
                                                                    "as training shortens them")
+    parser.add_argument("--positions", default="completion", choices=["completion", "all"],
+                        help="the records' positions summed: those that predict the completion (default), or all")
     parser.add_argument("--limit", type=int, default=0,
                         help="at most this many records or chunks, spread evenly over them (0: all)")
     parser.add_argument("--process-output", action="store_true",
@@ -39,8 +42,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, option: str) -> N
 def matrix_from_arguments(args: argparse.Namespace, data: list[str]):
     model, tokenizer = load_model_of(args)
     return compute_imatrix(model, tokenizer, data, args.calibration, max_len=args.max_len, chunk=args.chunk,
-                           limit=args.limit, batch_size=args.batch_size, include_output=args.process_output,
-                           progress=True)
+                           limit=args.limit, positions=args.positions, batch_size=args.batch_size,
+                           include_output=args.process_output, progress=True)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
