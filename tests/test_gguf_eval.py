@@ -166,3 +166,23 @@ def test_quant_choice_takes_the_smallest_file_within_tolerance(tmp_path):
     assert smallest_within(result) is None
     result["engines"]["a-q6_k.gguf"]["agreement"]["within_0_5"] = 1.0
     assert smallest_within(result).name == "a-q6_k.gguf"
+
+
+def test_of_two_files_of_one_size_the_nearer_to_the_model_is_chosen(tmp_path):
+    """A quant with and without an importance matrix: the same tensors, a few metadata bytes apart; the one
+    with the smaller next-token divergence from the torch model ranks first, whichever is a byte smaller."""
+    from stratos_lite.export.quant_choice import quant_scores, smallest_within
+
+    def engine(name, size, kl):
+        (tmp_path / name).write_bytes(b"x" * size)
+        return {"file": str(tmp_path / name), "examples_per_s": 1.0, "spearman": 0.95, "mae": 0.1,
+                "direction_accuracy": 0.9, "parse_failures": 0, "agreement": {"within_0_5": 1.0}, "kl_divergence": kl}
+
+    result = {"spearman": 0.95, "parse_failures": 0,
+              "engines": {"q3": engine("s-q3_k_m.gguf", 10_000, 2.6e-5),
+                          "q3i": engine("s-q3_k_m-imatrix.gguf", 10_040, 2.4e-5),
+                          "q4": engine("s-q4_k_m.gguf", 12_000, 7e-6)}}
+    assert [row.name for row in quant_scores(result)] == ["s-q3_k_m-imatrix.gguf", "s-q3_k_m.gguf", "s-q4_k_m.gguf"]
+    assert smallest_within(result).name == "s-q3_k_m-imatrix.gguf"
+    result["engines"]["q3i"]["kl_divergence"] = 3e-5
+    assert smallest_within(result).name == "s-q3_k_m.gguf"

@@ -11,9 +11,9 @@ collects it); the token embedding is a lookup, not a product, and has no entry.
 Which tokens count: llama-imatrix sums every token of its text, and so does a calibration text here. The
 task's records run whole (prompt and completion, as training renders them), but by default only the
 positions that predict the completion are summed: those are the activations the served answer comes from,
-while the prompt's (a long system prompt, profile and article) would outnumber them many times over. On the
-demo the matrix over every token made q4_k_m's next-token divergence from the model larger than no matrix at
-all; over the completion positions, smaller (benchmarks/RESULTS.md).
+while the prompt's (a long system prompt, profile and article: 78 % of the demo's tokens) would outweigh
+them. On the demo the matrix over every token made q4_k_m's next-token divergence from the model larger than
+no matrix at all; over the completion positions, smaller.
 
 The file is what llama-imatrix writes since llama.cpp #14842: general.type = "imatrix", imatrix.datasets
 (the calibration sources), imatrix.chunk_count and imatrix.chunk_size, and per weight an F32 in_sum2 of one

@@ -16,6 +16,7 @@ from pathlib import Path
 from .quant_types import K_QUANTS
 
 SPEARMAN_TOLERANCE = 0.02
+SAME_SIZE = 0.005  # files within 0.5 % of each other's size hold the same quant (metadata aside)
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,21 @@ def quant_files(out: str | Path, quants: list[str], with_matrix: bool = False,
 
 def quant_scores(result: dict) -> list[QuantScore]:
     """A row per whole GGUF file that `evaluate` scored, smallest file first, and of files of one size (a quant
-    with and without an importance matrix) the one nearer the torch model first (a base with a LoRA adapter
-    file over it is a pair, not a quant of the model, and is left out)."""
+    with and without an importance matrix: the same tensors, a few metadata bytes apart) the one nearer the
+    torch model first (a base with a LoRA adapter file over it is a pair, not a quant of the model, and is left
+    out)."""
     rows = [QuantScore(Path(engine["file"]), Path(engine["file"]).stat().st_size, engine["examples_per_s"],
                        engine["spearman"], engine["mae"], engine["direction_accuracy"], engine["parse_failures"],
                        engine["agreement"]["within_0_5"], engine.get("kl_divergence"))
             for engine in result.get("engines", {}).values() if "lora" not in engine]
-    return sorted(rows, key=lambda row: (row.size_bytes, _nearness(row)))
+    rows.sort(key=lambda row: row.size_bytes)
+    groups: list[list[QuantScore]] = []
+    for row in rows:
+        if groups and row.size_bytes <= groups[-1][0].size_bytes * (1 + SAME_SIZE):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [row for group in groups for row in sorted(group, key=_nearness)]
 
 
 def _nearness(row: QuantScore) -> float:
