@@ -28,14 +28,20 @@ from load_memory import bench_config, rss_bytes
 
 
 def write_inputs(folder: Path, params: float) -> None:
+    write_base_and_adapter(folder, bench_config(params))
+
+
+def write_base_and_adapter(folder: Path, config: dict):
+    """A random bf16 base of `config` in folder/base and a DoRA r16 adapter with non-zero B in folder/adapter;
+    returns the model (adapter attached) and its tokenizer."""
     import stratos_lite as sl
     from stratos_lite.demo.data import PROFILES
 
-    config = sl.Qwen3Config.from_dict(bench_config(params))
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = sl.Qwen3ForCausalLM(config)
+        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(config))
     model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model.tie_weights()  # to_empty gives a tied head storage of its own
     model.initialize_weights()
     tokenizer = sl.train_chatml_tokenizer([p.text() for p in PROFILES] * 4, vocab_size=1024)
     sl.save_pretrained(model, tokenizer, folder / "base", max_shard_size="400MB")
@@ -45,6 +51,7 @@ def write_inputs(folder: Path, params: float) -> None:
             if isinstance(layer, sl.DoRALinear):
                 layer.lora_B.normal_(0, 0.01)
     sl.save_adapter(model, folder / "adapter")
+    return model, tokenizer
 
 
 def ours(folder: Path, out: Path, quant: str) -> dict:

@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from export_speed import write_base_and_adapter
 
 QWEN3_06B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
                  intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -42,24 +41,10 @@ def shape(name: str) -> dict:
 
 def write_inputs(folder: Path, config: dict) -> None:
     """The base folder, its DoRA adapter, and the importance matrix (with the seconds it took)."""
-    import stratos_lite as sl
     from stratos_lite.demo.data import PROFILES
     from stratos_lite.export.imatrix import collect_imatrix
 
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = sl.Qwen3ForCausalLM(sl.Qwen3Config.from_dict(config))
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    model.tie_weights()  # to_empty gives the head storage of its own
-    model.initialize_weights()
-    tokenizer = sl.train_chatml_tokenizer([p.text() for p in PROFILES] * 4, vocab_size=1024)
-    sl.save_pretrained(model, tokenizer, folder / "base", max_shard_size="400MB")
-    sl.apply_dora(model, rank=16, alpha=32, dropout=0.05)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, sl.DoRALinear):
-                layer.lora_B.normal_(0, 0.01)
-    sl.save_adapter(model, folder / "adapter")
+    model, tokenizer = write_base_and_adapter(folder, config)
     text = " ".join(p.text() for p in PROFILES) * 40
     ids = tokenizer.encode(text)
     sequences = [ids[i * 256:(i + 1) * 256] for i in range(64)]
