@@ -141,10 +141,10 @@ def test_fault_export_to_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatc
     before = target.read_bytes()
     real = gguf_module.encode
 
-    def disk_fills(planned, qtype):
+    def disk_fills(planned, qtype, imatrix=None):
         if planned.name.startswith("blk.1"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(planned, qtype)
+        return real(planned, qtype, imatrix)
 
     monkeypatch.setattr(gguf_module, "encode", disk_fills)
     with pytest.raises(WriteError, match=r"m\.gguf: cannot write: No space left on device"):

@@ -180,7 +180,7 @@ def test_dequantized_values_are_close(kind):
 
 def test_bad_requests_name_what_is_allowed(tmp_path, tokenizer):
     model = dora_model(tmp_path, **{**WIDE, "num_hidden_layers": 2})
-    with pytest.raises(ExportError, match=r"quant must be one of .*q4_k_m, got 'q4_k_s'"):
+    with pytest.raises(ExportError, match=r"quant must be one of .*q4_k_m, q3_k_m, got 'q4_k_s'"):
         export_gguf(model, tokenizer, tmp_path / "x.gguf", quant="q4_k_s")
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_k(torch.zeros(2, 100), "q4_k")
