@@ -19,6 +19,7 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
         dora={"rank": 4, "alpha": 8, "dropout": 0.05, "lr": 3e-3, "max_steps": 4, "batch_size": 2, "grad_accum": 2,
               "max_len": 384, "save_every": 2, "verify_batches": 50},
         eval={"batch_size": 16, "max_new_tokens": 12, "spread_articles": 2},
+        export={"quants": ["q8_0", "q3_k_m"], "imatrix_records": 20},
     )
     summary = call_in_child(run_demo, config)
     out = tmp_path / "demo"
@@ -29,7 +30,7 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     layers = config.model["num_hidden_layers"]
     # Every quant exported and scored, each K-quant also with the training records' importance matrix; the
     # Modelfile serves the chosen one.
-    for name in ("q8_0", "q4_k_m", "q4_k_m-imatrix", "q3_k_m", "q3_k_m-imatrix"):
+    for name in ("q8_0", "q3_k_m", "q3_k_m-imatrix"):
         reader = gguf.GGUFReader(out / f"scorer-{name}.gguf")
         assert len(reader.tensors) == 2 + 11 * layers
         assert ("quantize.imatrix.entries_count" in reader.fields) == name.endswith("imatrix")
@@ -38,6 +39,7 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
         assert shipped["kl_divergence"] >= 0
     matrix = ImportanceMatrix.load(out / "imatrix.gguf")
     assert len(matrix.sums) == 7 * layers and matrix.datasets == [str(out / "data" / "train.jsonl")]
+    assert matrix.chunk_count == 20
     chosen = summary["chosen_gguf"] or "scorer-q8_0.gguf"
     assert (out / "Modelfile").read_text().startswith(f"FROM ./{chosen}")
     assert json.loads((out / "dora" / "sampler_verification.json").read_text())["batches"] == 50
@@ -51,5 +53,5 @@ def test_demo_pipeline_tiny(tmp_path, capfd):
     assert shipped["examples"] == 9 and shipped["prompt_checks_failed"] == 0
     assert (out / "eval" / "predictions_scorer-q8_0.jsonl").is_file()
     printed = capfd.readouterr().out
-    assert "adapters off" in printed and "scorer-q4_k_m.gguf" in printed and str(out / chosen) in printed
+    assert "adapters off" in printed and "scorer-q3_k_m-imatrix.gguf" in printed and str(out / chosen) in printed
     assert "smallest GGUF within 0.02 Spearman" in printed
