@@ -184,6 +184,9 @@ def test_bad_requests_name_what_is_allowed(tmp_path, tokenizer):
         export_gguf(model, tokenizer, tmp_path / "x.gguf", quant="q4_k_s")
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_k(torch.zeros(2, 100), "q4_k")
+    narrow = base_model(tmp_path / "narrow")  # rows of 64: llama.cpp would write Q3_K's tensors as IQ4_NL
+    with pytest.raises(ExportError, match=r"token_embd\.weight: rows of 64 values .* Q3_K's block of 256.*use q4_k_m"):
+        export_gguf(narrow, tokenizer, tmp_path / "narrow.gguf", quant="q3_k_m")
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.base_layer.weight[0, 0] = float("inf")
     with pytest.raises(ExportError, match=r"tensor blk\.1\.attn_output\.weight: non-finite"):

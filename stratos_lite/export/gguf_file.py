@@ -177,9 +177,14 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
 
 
 def planned_types(model: Qwen3ForCausalLM, plan: list[PlannedTensor], quant: str) -> list[gguf.GGMLQuantizationType]:
-    """Each planned tensor's GGML type under file type `quant` (quant_types.tensor_type)."""
+    """Each planned tensor's GGML type under file type `quant` (quant_types.tensor_type); a tensor the file type
+    cannot hold at all raises ExportError."""
     config = model.config
-    return [tensor_type(t.name, t.shape, quant, config.num_hidden_layers, config.tie_word_embeddings) for t in plan]
+    try:
+        return [tensor_type(t.name, t.shape, quant, config.num_hidden_layers, config.tie_word_embeddings)
+                for t in plan]
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 # metadata -------------------------------------------------------------------------------------------------
