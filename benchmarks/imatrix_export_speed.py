@@ -57,7 +57,7 @@ def write_inputs(folder: Path, config: dict) -> None:
 
 def ours(folder: Path, quant: str, with_matrix: bool) -> float:
     from stratos_lite.export.gguf_file import export_gguf_from_folder
-    from stratos_lite.export.imatrix import ImportanceMatrix
+    from stratos_lite.export.imatrix_file import ImportanceMatrix
 
     matrix = ImportanceMatrix.load(folder / "imatrix.gguf") if with_matrix else None
     start = time.perf_counter()

@@ -20,7 +20,8 @@ from .evaluation.engines import EngineError, LlamaCppEngine, TorchEngine
 from .evaluation.evaluate import evaluate
 from .evaluation.predictions import Prediction, read_predictions
 from .export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
-from .export.imatrix import ImatrixError, ImportanceMatrix, collect_imatrix, compute_imatrix
+from .export.imatrix import collect_imatrix, compute_imatrix
+from .export.imatrix_file import ImatrixError, ImportanceMatrix
 from .export.lora_gguf import export_lora_gguf
 from .export.quant_choice import format_quant_table, smallest_within
 from .export.quant_types import QuantFallbackWarning

@@ -8,7 +8,7 @@ from isolation import call_in_child
 
 from stratos_lite.demo.config import DemoConfig
 from stratos_lite.demo.run import run_demo
-from stratos_lite.export.imatrix import ImportanceMatrix
+from stratos_lite.export.imatrix_file import ImportanceMatrix
 
 
 def test_demo_pipeline_tiny(tmp_path, capfd):

@@ -10,14 +10,8 @@ from isolation import call_in_child
 
 import stratos_lite as sl
 from stratos_lite.export.gguf_file import export_gguf
-from stratos_lite.export.imatrix import (
-    ImatrixError,
-    ImportanceMatrix,
-    calibration_sequences,
-    collect_imatrix,
-    compute_imatrix,
-    text_chunks,
-)
+from stratos_lite.export.imatrix import calibration_sequences, collect_imatrix, compute_imatrix, text_chunks
+from stratos_lite.export.imatrix_file import ImatrixError, ImportanceMatrix
 
 CHUNK = 32
 

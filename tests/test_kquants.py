@@ -12,7 +12,8 @@ from isolation import call_in_child
 
 import stratos_lite as sl
 from stratos_lite.export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
-from stratos_lite.export.imatrix import ImportanceMatrix, product_modules
+from stratos_lite.export.imatrix import product_modules
+from stratos_lite.export.imatrix_file import ImportanceMatrix
 from stratos_lite.export.kquants import quantize_k
 from stratos_lite.export.quant_types import QuantFallbackWarning, tensor_type, use_more_bits
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
 from ..export.gguf_file import QUANTS, ExportError, export_gguf_from_folder
-from ..export.imatrix import ImportanceMatrix
+from ..export.imatrix_file import ImportanceMatrix
 from ..export.lora_gguf import ADAPTER_TYPES, export_lora_gguf
 from ..export.modelfile import write_modelfile
 from ..export.quant_choice import SPEARMAN_TOLERANCE, format_quant_table, quant_files, smallest_within

@@ -18,7 +18,7 @@ import torch
 
 from ..data.records import ParsedRecord
 from ..model.tokenizer import Tokenizer
-from .engines import import_llama_cpp
+from .engines import default_gpu_layers, import_llama_cpp
 
 
 def completion_sequences(tokenizer: Tokenizer, records: Sequence[ParsedRecord]) -> list[tuple[list[int], int]]:
@@ -49,7 +49,7 @@ def next_token_kl(model, tokenizer: Tokenizer, records: Sequence[ParsedRecord], 
     llama_cpp = import_llama_cpp()
     sequences = completion_sequences(tokenizer, records)
     if n_gpu_layers is None:
-        n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        n_gpu_layers = default_gpu_layers(llama_cpp)
     options = {"lora_path": str(lora)} if lora else {}
     longest = max(len(ids) for ids, _ in sequences)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest, n_batch=longest, n_ubatch=longest, logits_all=True,

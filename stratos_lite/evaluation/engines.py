@@ -55,6 +55,11 @@ def gguf_column(path: str | Path, lora: str | Path | None = None) -> str:
     return Path(path).name + (f" + {Path(lora).name}" if lora else "")
 
 
+def default_gpu_layers(llama_cpp) -> int:
+    """Every layer on the GPU when llama.cpp was built with CUDA, ROCm, Metal...; none otherwise."""
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
 class LlamaCppEngine:
     """Greedy decoding of a GGUF file in llama.cpp, one prompt at a time. Prompts are sorted so that each
     shares the longest possible prefix with the one before (the system prompt at least), which llama.cpp
@@ -68,8 +73,8 @@ class LlamaCppEngine:
             if not file.is_file():
                 raise EngineError(f"{file}: no such GGUF file")
         options = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 key/value cache
-        if n_gpu_layers is None:  # every layer on the GPU when llama.cpp was built with CUDA, ROCm, Metal...
-            n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        if n_gpu_layers is None:
+            n_gpu_layers = default_gpu_layers(llama_cpp)
         if lora:  # a LoRA adapter GGUF applied over the model at load time, at its own alpha / rank
             options["lora_path"] = str(lora)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, verbose=False,

@@ -14,7 +14,6 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -26,12 +25,10 @@ from ..model.lora import QUANTIZED_BASE_MERGE, LoRALinear, has_quantized_base, r
 from ..model.qwen3 import Qwen3ForCausalLM
 from ..model.tokenizer import Tokenizer
 from ..storage.atomic import staged_file
+from .imatrix_file import ImportanceMatrix
 from .kquants import BLOCK_BYTES, SUPER_BLOCK, quantize_k
 from .modelfile import write_modelfile
 from .quant_types import FILE_TYPES, tensor_type
-
-if TYPE_CHECKING:  # for the annotations only: imatrix.py builds on this module's tensor names
-    from .imatrix import ImportanceMatrix
 
 QUANTS = tuple(FILE_TYPES)  # the `quant` names export_gguf takes
 K_TYPES = {gguf.GGMLQuantizationType.Q3_K: "q3_k", gguf.GGMLQuantizationType.Q4_K: "q4_k",

@@ -50,9 +50,10 @@ def quantize_k(weight: torch.Tensor, kind: str, importance: torch.Tensor | None 
     out = np.empty((rows, columns // SUPER_BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // columns)  # a chunk's working buffers stay in cache, and memory stays bounded
     quantize = {"q3_k": _q3_k, "q4_k": _q45_k, "q5_k": _q45_k, "q6_k": _q6_k}[kind]
+    importance = None if importance is None else importance.to("cpu", F32)
     for start in range(0, rows, step):
         chunk = weight[start:start + step].detach().to("cpu", F32)
-        row_weights = None if importance is None else importance.to("cpu", F32).expand(len(chunk), -1)
+        row_weights = None if importance is None else importance.expand(len(chunk), -1)
         blocks = quantize(chunk.reshape(-1, SUPER_BLOCK), kind,
                           None if row_weights is None else row_weights.reshape(-1, SUPER_BLOCK))
         out[start:start + step] = blocks.numpy().reshape(-1, out.shape[1])
