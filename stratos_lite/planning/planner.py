@@ -29,7 +29,7 @@ from ..model.qwen3 import Qwen3Config
 from ..train.device import compute_dtype, default_device
 from ..train.schedule import optimizer_steps
 from .allocator import blas_workspace
-from .report import GB, DataShape, Packing, Plan, PlanError
+from .report import GB, Alternatives, DataShape, Packing, Plan, PlanError
 from .search import largest_batch, largest_row
 from .simulator import Activity, ParameterCounts, Simulator
 
@@ -147,10 +147,7 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     notes += [text for text in (note, _decimal_size_note(memory, available)) if text]
     recompute, vocabulary = simulator.temporary_peaks(shape.batch, shape.tokens, completions)
     counts = simulator.counts
-    # The largest batch of the data's longest example, and the longest packed row, whichever the run is.
     batch_tokens = data.longest if data else config.max_len
-    own = (shape.batch if not config.packing else shape.tokens, here.needed)
-    one = ranks.needed_at(1, batch_tokens)
     row_limit = max(model_config.max_position_embeddings, shape.tokens)  # rows longer than its context: not asked
     return Plan(
         model=f"{config.model or 'model'} ({model_config.num_hidden_layers} layers, hidden "
@@ -164,22 +161,41 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
         weights=counts.weight_bytes if config.mode != "full" else counts.trainable_bytes, base_quant=config.base_quant,
         adapters=counts.trainable_bytes if config.mode != "full" else 0,
         gradients=counts.gradients, optimizer=2 * counts.gradients, activations=here.activity.saved,
-        activations_no_checkpointing=(simulator.saved_without_checkpointing(shape.batch, shape.tokens, completions)
-                                      if config.gradient_checkpointing else here.activity.saved),
         logits=max(here.activity.logits, 0), loss_chunk=config.loss_chunk, recompute_peak=recompute,
         vocabulary_peak=vocabulary, peak=here.peak,
         reserved=here.reserved, workspace=ranks.workspace, memory=available, memory_source=source,
-        max_batch_size=largest_batch(lambda batch: ranks.needed_at(batch, batch_tokens), available,
-                                     own if not config.packing else (1, one)),
-        max_row_tokens=largest_row(lambda tokens: ranks.needed_at(1, tokens), available,
-                                   own if config.packing else (batch_tokens, one), limit=row_limit),
-        row_limit=row_limit, batch_tokens=batch_tokens, host_activations=here.activity.host,
+        alternatives=alternatives(ranks, available, batch_tokens, row_limit), row_limit=row_limit,
+        batch_tokens=batch_tokens, host_activations=here.activity.host,
         data=data, notes=notes, per_rank=here.per_strategy if world_size > 1 else {},
         heap_release=config.heap_release,
         packing=Packing(shape.tokens, padding_of(config, data)) if config.packing else None,
         unpacked_padding=None if config.packing else padding_of(config, data),
         total_steps=optimizer_steps(config, data.examples, world_size) if data else config.max_steps,
     )
+
+
+def alternatives(ranks: RankMemory, available: int, batch_tokens: int, row_limit: int) -> Alternatives:
+    """The searches for the largest batch (of the data's longest example) and the longest packed row that fit
+    `available`, and the run without checkpointing; none of them runs until it is read."""
+    config, shape = ranks.config, ranks.shape
+
+    def known(rows: bool) -> tuple[int, int]:
+        """A point the search starts from: the run's own micro-batch when it is of the kind searched (a packed
+        row for the row search, a batch for the batch one), else one example of the data's longest."""
+        if rows == config.packing:
+            return (shape.tokens if rows else shape.batch), ranks.needed_at(shape.batch, shape.tokens)
+        return (batch_tokens if rows else 1), ranks.needed_at(1, batch_tokens)
+
+    def unchecked() -> int:
+        if not config.gradient_checkpointing:
+            return ranks.at(shape.batch, shape.tokens).activity.saved
+        return ranks.simulator.saved_without_checkpointing(shape.batch, shape.tokens,
+                                                            shape.completions(shape.batch, shape.tokens))
+
+    return Alternatives(
+        lambda: largest_batch(lambda batch: ranks.needed_at(batch, batch_tokens), available, known(rows=False)),
+        lambda: largest_row(lambda tokens: ranks.needed_at(1, tokens), available, known(rows=True), limit=row_limit),
+        unchecked)
 
 
 def _data_shape(config: TrainConfig, data: DataShape | None) -> tuple[DataShape | None, list[str]]:

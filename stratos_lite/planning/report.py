@@ -4,7 +4,9 @@ batch or row that would, and the time a probe measured (planner.py makes it)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..data.batch import IGNORE_INDEX
 from ..data.dataset import ScoredDataset
@@ -44,6 +46,30 @@ class DataShape:
                    lengths, max(c / n for c, n in zip(completions, lengths, strict=True)))
 
 
+class Alternatives:
+    """Runs other than the planned one: the largest micro-batch and the longest packed row that fit, and the
+    activations with checkpointing off. Each is found by simulating more micro-batches (a forward and backward
+    on fake tensors each, seconds apiece at a real model's size), so each is worked out when first read (the
+    plan printed, or the advice for a run that does not fit), never by a run that only checks that it fits."""
+
+    def __init__(self, max_batch_size: Callable[[], int], max_row_tokens: Callable[[], int],
+                 activations_no_checkpointing: Callable[[], int]):
+        self._search_batch, self._search_row = max_batch_size, max_row_tokens
+        self._simulate_unchecked = activations_no_checkpointing
+
+    @cached_property
+    def max_batch_size(self) -> int:
+        return self._search_batch()
+
+    @cached_property
+    def max_row_tokens(self) -> int:
+        return self._search_row()
+
+    @cached_property
+    def activations_no_checkpointing(self) -> int:
+        return self._simulate_unchecked()
+
+
 @dataclass
 class Plan:
     """Memory and time of a training run per rank, predicted before loading (see the module docstring)."""
@@ -65,7 +91,6 @@ class Plan:
     gradients: int
     optimizer: int
     activations: int
-    activations_no_checkpointing: int
     logits: int  # what the loss holds for the backward beyond the activations
     loss_chunk: int  # TrainConfig.loss_chunk: completion positions projected onto the vocabulary at a time
     recompute_peak: int
@@ -75,8 +100,7 @@ class Plan:
     workspace: int  # the BLAS workspaces on this GPU (0 elsewhere)
     memory: int
     memory_source: str
-    max_batch_size: int  # the largest micro-batch of the data's longest example (max_len when unread) that fits
-    max_row_tokens: int  # the longest packed row that fits, up to row_limit
+    alternatives: Alternatives  # the largest batch and row that fit, worked out when first read
     row_limit: int  # the longest row searched: the model's context length (or the run's own row, when longer)
     batch_tokens: int  # the sequence length max_batch_size was searched at
     host_activations: int = 0  # activations held in host memory (offload_activations), at the peak
@@ -89,6 +113,20 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     packing: Packing | None = None  # with TrainConfig.packing: the rows (batch_size and seq are one row's)
     unpacked_padding: PaddingEstimate | None = None  # without packing, when the data was read
+
+    @property
+    def max_batch_size(self) -> int:
+        """The largest micro-batch of the data's longest example (max_len when unread) that fits."""
+        return self.alternatives.max_batch_size
+
+    @property
+    def max_row_tokens(self) -> int:
+        """The longest packed row that fits, up to row_limit."""
+        return self.alternatives.max_row_tokens
+
+    @property
+    def activations_no_checkpointing(self) -> int:
+        return self.alternatives.activations_no_checkpointing
 
     def cpu_rss_note(self) -> str:
         """How peak RSS relates to the plan on a CPU, and why."""
