@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,20 @@ import torch
 
 from stratos_lite import Tokenizer, train_chatml_tokenizer
 from stratos_lite.demo.data import make_demo_data
+
+
+def share_the_cores() -> None:
+    """Under pytest-xdist, each worker's torch (and through OMP_NUM_THREADS each process it starts) gets its share
+    of the cores. With a thread per core in every worker, two workers on two cores run four threads that spin
+    while they wait for one another: the suite took more than twice as long (benchmarks/RESULTS.md)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+share_the_cores()
 
 CORPUS = [
     "Senior geophysicist at KOC Kuwait follows seismic surveys, reservoir models and oil price news.",
