@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,12 +44,16 @@ def segment_size(request: int) -> int:
     return -(-request // LARGE_ROUND) * LARGE_ROUND
 
 
-@dataclass
+@dataclass(eq=False)
 class _Block:
+    """A block of a segment; `prev` and `next` are its neighbours in address order (None at the ends), so a
+    freed block finds the ones it merges with without a search, as the allocator's own blocks do."""
     segment: int
     offset: int
     size: int
     free: bool = True
+    prev: _Block | None = field(default=None, repr=False)
+    next: _Block | None = field(default=None, repr=False)
 
 
 class CachingAllocator:
@@ -58,9 +62,9 @@ class CachingAllocator:
 
     def __init__(self):
         self.reserved = self.peak_reserved = 0
-        self._segments: list[list[_Block]] = []  # each segment's blocks in address order
         self._small: list[bool] = []  # whether each segment serves the small pool
         self._pools: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}  # small? -> (size, seg, off)
+        self._cached: dict[tuple[int, int], _Block] = {}  # the pools' blocks by (segment, offset)
 
     def allocate(self, size: int) -> _Block:
         request = round_request(size)
@@ -69,7 +73,7 @@ class CachingAllocator:
         found = bisect.bisect_left(pool, (request, -1, -1))  # best fit: the smallest cached block that holds it
         if found < len(pool):
             _, segment, offset = pool.pop(found)
-            block = self._block_at(segment, offset)
+            block = self._cached.pop((segment, offset))
         else:
             block = self._new_segment(segment_size(request), small)
         block.free = False
@@ -79,39 +83,41 @@ class CachingAllocator:
         return block
 
     def free(self, block: _Block) -> None:
-        blocks = self._segments[block.segment]
-        index = blocks.index(block)
         block.free = True
         small = self._small[block.segment]
-        for neighbour in (index + 1, index - 1):  # the next first, so that `index` stays right for the previous
-            if 0 <= neighbour < len(blocks) and blocks[neighbour].free:
-                self._unpool(blocks[neighbour], small)
-                first, second = sorted((blocks[neighbour], block), key=lambda b: b.offset)
+        for neighbour in (block.next, block.prev):  # merged into one free block with each free neighbour
+            if neighbour is not None and neighbour.free:
+                self._unpool(neighbour, small)
+                first, second = (block, neighbour) if block.offset < neighbour.offset else (neighbour, block)
                 first.size += second.size
-                blocks.remove(second)
+                first.next = second.next
+                if second.next is not None:
+                    second.next.prev = first
                 block = first
-        bisect.insort(self._pools[small], (block.size, block.segment, block.offset))
+        self._pool(block, small)
 
     def _new_segment(self, size: int, small: bool) -> _Block:
-        block = _Block(len(self._segments), 0, size)
-        self._segments.append([block])
+        block = _Block(len(self._small), 0, size)
         self._small.append(small)
         self.reserved += size
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return block
 
     def _split(self, block: _Block, request: int, small: bool) -> None:
-        rest = _Block(block.segment, block.offset + request, block.size - request)
-        block.size = request
-        blocks = self._segments[block.segment]
-        blocks.insert(blocks.index(block) + 1, rest)
-        bisect.insort(self._pools[small], (rest.size, rest.segment, rest.offset))
+        rest = _Block(block.segment, block.offset + request, block.size - request, prev=block, next=block.next)
+        if block.next is not None:
+            block.next.prev = rest
+        block.next, block.size = rest, request
+        self._pool(rest, small)
+
+    def _pool(self, block: _Block, small: bool) -> None:
+        bisect.insort(self._pools[small], (block.size, block.segment, block.offset))
+        self._cached[block.segment, block.offset] = block
 
     def _unpool(self, block: _Block, small: bool) -> None:
-        self._pools[small].remove((block.size, block.segment, block.offset))
-
-    def _block_at(self, segment: int, offset: int) -> _Block:
-        return next(b for b in self._segments[segment] if b.offset == offset)
+        pool = self._pools[small]
+        del pool[bisect.bisect_left(pool, (block.size, block.segment, block.offset))]
+        del self._cached[block.segment, block.offset]
 
 
 def workspace_config(value: str | None, default: int) -> int:
