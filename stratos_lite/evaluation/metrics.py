@@ -8,7 +8,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from ..data.task import DEFAULT_BANDS, Band, band_index, tier
 from .predictions import Prediction
@@ -81,6 +80,8 @@ def _spearman(truth: np.ndarray, pred: np.ndarray) -> float | None:
     """Spearman's rho, or None when it is undefined (fewer than two points, or a constant side)."""
     if len(truth) < 2 or np.all(truth == truth[0]) or np.all(pred == pred[0]):
         return None
+    from scipy.stats import spearmanr  # scipy.stats takes most of a second to import: only evaluation pays it
+
     return float(spearmanr(truth, pred).statistic)
 
 
