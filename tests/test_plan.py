@@ -190,7 +190,8 @@ def test_activations_without_checkpointing_are_those_of_a_run_without_it():
 
 def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     data = DataShape(examples=64, longest=32, longest_completion=8, mean_tokens=32, source="test")
-    deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=6, vocab_size=128))  # layers hold the weight
+    # Layers hold the weight; a context of 64 keeps the searches that the text reports short.
+    deep = sl.Qwen3Config.from_dict(tiny_config(num_hidden_layers=6, vocab_size=128, max_position_embeddings=64))
     plans = {strategy: sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32", strategy=strategy),
                                model_config=deep, data=data, memory="8MB", world_size=2)
              for strategy in ("ddp", "fsdp")}
