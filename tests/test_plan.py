@@ -188,6 +188,14 @@ def test_activations_without_checkpointing_are_those_of_a_run_without_it():
     assert plans[True].activations < plans[True].activations_no_checkpointing
 
 
+def test_a_gpu_plan_without_a_gpu_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = r"^device 'cuda': this torch .* sees no CUDA or ROCm GPU; .*memory="
+    with pytest.raises(ValueError, match=expected) as caught:
+        sl.plan(sl.TrainConfig(), model_config=TINY, device="cuda")
+    assert "\n" not in str(caught.value)
+
+
 def test_plan_on_several_ranks_gives_each_strategy_per_rank():
     data = DataShape(examples=64, longest=32, longest_completion=8, mean_tokens=32, source="test")
     # Layers hold the weight; a context of 64 keeps the searches that the text reports short.

@@ -132,6 +132,9 @@ def plan(config: TrainConfig, *, memory: int | str | None = None, device: torch.
     is given; without either, every example is taken as max_len tokens, all completion: the worst case).
     `memory` overrides the device's own figure, e.g. "24GiB" to plan a GPU run from another machine."""
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA or ROCm GPU; plan "
+                         "a GPU run where the card is, or here with memory= the card's size")
     model_config = model_config or Qwen3Config.from_pretrained(config.model)
     data, notes = _data_shape(config, data)
     if config.packing and data:
