@@ -18,10 +18,11 @@ from stratos_lite.demo.data import make_demo_data
 def share_the_cores() -> None:
     """Under pytest-xdist, each worker's torch (and through OMP_NUM_THREADS each process it starts) gets its share
     of the cores. With a thread per core in every worker, two workers on two cores run four threads that spin
-    while they wait for one another: the suite took more than twice as long (benchmarks/RESULTS.md)."""
+    while they wait for one another: the suite took 1.6 times as long (benchmarks/RESULTS.md)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
