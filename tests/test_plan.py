@@ -114,6 +114,7 @@ def test_on_a_gpu_the_largest_batch_and_row_are_judged_by_the_allocators_reserve
     import importlib
 
     plan_module = importlib.import_module("stratos_lite.planning.planner")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the plan asks
     monkeypatch.setattr(plan_module, "training_kernel", lambda *args: "flash")
     monkeypatch.setattr(plan_module, "blas_workspace", lambda device: 8 * 2**20 if device.type == "cuda" else 0)
     data = DataShape(examples=64, longest=256, longest_completion=64, mean_tokens=256, source="test",
