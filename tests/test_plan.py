@@ -189,6 +189,26 @@ def test_activations_without_checkpointing_are_those_of_a_run_without_it():
     assert plans[True].activations < plans[True].activations_no_checkpointing
 
 
+def test_the_fit_check_simulates_one_micro_batch_and_the_rest_when_read(monkeypatch):
+    """What the train command's check needs is the run's own micro-batch; the searches and the run without
+    checkpointing are simulated when the plan is read (printed), once."""
+    simulated, micro_batch = [], Simulator.micro_batch
+
+    def counted(self, batch, seq, *args, **kwargs):
+        simulated.append((batch, seq))
+        return micro_batch(self, batch, seq, *args, **kwargs)
+
+    monkeypatch.setattr(Simulator, "micro_batch", counted)
+    data = DataShape(examples=8, longest=32, longest_completion=8, mean_tokens=32, source="test")
+    the_plan = sl.plan(sl.TrainConfig(rank=4, alpha=8, dtype="float32", batch_size=2), model_config=TINY, data=data,
+                       memory="1GB")
+    assert the_plan.fits and simulated == [(2, 32)]
+    text = the_plan.to_text()
+    assert len(simulated) > 2 and f"batch_size {the_plan.max_batch_size} at 32 tokens" in text
+    read = len(simulated)
+    assert the_plan.to_text() == text and len(simulated) == read  # worked out once
+
+
 def test_a_gpu_plan_without_a_gpu_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     expected = r"^device 'cuda': this torch .* sees no CUDA or ROCm GPU; .*memory="
