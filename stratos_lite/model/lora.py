@@ -264,8 +264,7 @@ def initialise_adapters(model: nn.Module, seed: int) -> None:
     """Start every adapter layer again as apply_lora / apply_dora(..., seed=seed) start it, from the weights it
     holds now: for adapters attached to a model built on the meta device and filled afterwards."""
     for name, layer in adapter_layers(model):
-        generator = layer_generator(seed, name)
-        layer.reset_adapter(generator)
+        layer.reset_adapter(layer_generator(seed, name))
 
 
 @contextmanager
