@@ -27,7 +27,8 @@ COMMON = {"dtype": "float32", "attention_kernel": "math", "batch_size": 2, "grad
 RUNS = {"dora_dropout": {"dropout": 0.1}, "full": {"mode": "full"}, "ddp": {"dropout": 0.1},
         "fsdp": {"strategy": "fsdp"}, "packed": {"packing": True, "pack_tokens": 1024}}
 RANKS = {"ddp": 2, "fsdp": 2}
-TIMING = ("seconds", "_s", "tokens_per_s", "elapsed", "rss", "memory")
+TIMING = ("seconds", "_s")  # the endings of the fields that time a step (step_seconds, tokens_per_s, ...)
+MACHINE = ("elapsed", "rss", "memory")  # and words of those that measure the machine, not the training
 
 
 def make_inputs(work: Path) -> None:
@@ -70,7 +71,8 @@ def digests(out: Path) -> dict[str, str]:
     found = {}
     for metrics in sorted(out.rglob("metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        rows = [{k: v for k, v in row.items() if not any(t in k for t in TIMING)} for row in rows]
+        rows = [{k: v for k, v in row.items() if not (k.endswith(TIMING) or any(w in k for w in MACHINE))}
+                for row in rows]
         found[str(metrics.relative_to(out))] = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
     for tensors in sorted(out.rglob("*.safetensors")):
         found[str(tensors.relative_to(out))] = hashlib.sha256(tensors.read_bytes()).hexdigest()
