@@ -58,6 +58,19 @@ def test_a_new_adapter_leaves_the_model_as_it_was_and_dropout_touches_only_the_a
     assert "lora_magnitude" not in dict(layer.named_parameters())
 
 
+@pytest.mark.parametrize("layer_class", [LoRALinear, sl.DoRALinear], ids=["lora", "dora"])
+def test_a_reset_starts_the_layer_again_from_its_own_seed(layer_class):
+    layer = layer_class(nn.Linear(32, 24, bias=False), rank=4, alpha=8, seed=11)
+    start = {name: p.detach().clone() for name, p in layer.named_parameters() if p.requires_grad}
+    assert torch.equal(start["lora_A"], layer_class(nn.Linear(32, 24, bias=False), 4, 8, seed=11).lora_A)
+    assert not torch.equal(start["lora_A"], layer_class(nn.Linear(32, 24, bias=False), 4, 8, seed=12).lora_A)
+    perturb_([p for p in layer.parameters() if p.requires_grad])
+    torch.rand(100)  # the global generator moves on: the layer's start does not depend on it
+    layer.reset_adapter()
+    for name, tensor in start.items():
+        assert torch.equal(getattr(layer, name), tensor), name
+
+
 @pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
 def test_lora_model_cross_loads_with_peft(tmp_path, rslora):
     from peft import PeftModel, get_peft_model

@@ -90,9 +90,9 @@ def test_dora_over_a_4bit_base_is_dora_over_its_dequantized_weight():
     plain.weight.data.copy_(quantized.weight)
     layers = []
     for base in (quantized, plain):
-        layer = DoRALinear(nn.Linear(64, 48, bias=False), 4, 8, generator=torch.Generator().manual_seed(5))
+        layer = DoRALinear(nn.Linear(64, 48, bias=False), 4, 8, seed=5)
         layer.base_layer = base.requires_grad_(False)
-        layer.reset_adapter(torch.Generator().manual_seed(5))
+        layer.reset_adapter()
         with torch.no_grad():
             layer.lora_B.normal_(generator=torch.Generator().manual_seed(6))
         layers.append(layer)

@@ -28,18 +28,18 @@ class DoRALinear(LoRALinear):
     kind = "DoRA"
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None, rslora: bool = False):
-        super().__init__(base_layer, rank, alpha, dropout, dtype, generator, rslora)
+                 dtype: torch.dtype = torch.float32, seed: int | None = None, rslora: bool = False):
+        super().__init__(base_layer, rank, alpha, dropout, dtype, seed, rslora)
         self.held_norm: torch.Tensor | None = None  # n for a compiled layer, set before it runs (hold_norms)
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().adapter_shapes(), "lora_magnitude": (self.base_layer.out_features,)}
 
     @torch.no_grad()
-    def reset_adapter(self, generator: torch.Generator | None) -> None:
+    def reset_adapter(self) -> None:
         """LoRA's start, and the magnitude the norm of each row of W (so the layer starts as its base), computed
         where each row of W lives when FSDP shards the layer."""
-        super().reset_adapter(generator)
+        super().reset_adapter()
         local(self.lora_magnitude).copy_(row_norm_sq(local(self.base_layer.weight)).sqrt())
 
     def _base_row_norm_sq(self, weight: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
     kind = "LoRA"
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None, rslora: bool = False):
+                 dtype: torch.dtype = torch.float32, seed: int | None = None, rslora: bool = False):
         super().__init__()
         if base_layer.bias is not None:
             raise ValueError(f"{type(self).__name__} wraps bias-free linears (Qwen3 has no biases)")
@@ -83,7 +83,8 @@ class LoRALinear(nn.Module):
         for name, shape in self.adapter_shapes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dtype, device=base_layer.weight.device)))
         self._cache: dict[str, tuple[tuple, object]] = {}
-        self.reset_adapter(generator)
+        self.seed = seed  # A's start, the same at every reset (None: drawn from torch's global generator)
+        self.reset_adapter()
         self.dropout = float(dropout)
         self.adapter_enabled = True
 
@@ -93,9 +94,10 @@ class LoRALinear(nn.Module):
         return {"lora_A": (self.rank, base.in_features), "lora_B": (base.out_features, self.rank)}
 
     @torch.no_grad()
-    def reset_adapter(self, generator: torch.Generator | None) -> None:
-        """The starting point PEFT gives: A Kaiming-uniform from `generator`, B zero, so the layer starts as its
-        base. A layer FSDP shards takes its own rows of A."""
+    def reset_adapter(self) -> None:
+        """The starting point PEFT gives: A Kaiming-uniform from the layer's seed, B zero, so the layer starts as
+        its base. A layer FSDP shards takes its own rows of A."""
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         copy_whole_into(self.lora_A, initial_lora_A(self.rank, self.base_layer.in_features, self.lora_A.dtype,
                                                     generator))
         local(self.lora_B).zero_()
@@ -225,11 +227,11 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A generator for one layer's initialisation, from the run's seed and the layer's name: the same
-    adapter comes out whatever order layers are wrapped in, and whatever else drew random numbers first."""
+def layer_seed(seed: int, name: str) -> int:
+    """One layer's seed, from the run's seed and the layer's name: the same adapter comes out whatever order
+    layers are wrapped in, and whatever else drew random numbers first."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return int.from_bytes(digest[:8], "little")
 
 
 def wrap_targets(model: nn.Module, layer_class: type[LoRALinear], rank: int, alpha: float, dropout: float,
@@ -246,7 +248,7 @@ def wrap_targets(model: nn.Module, layer_class: type[LoRALinear], rank: int, alp
             raise ValueError(f"target modules {unmatched} match no linear layer of the model")
     for name, linear in chosen:
         owner, _, attr = name.rpartition(".")
-        layer = layer_class(linear, rank, alpha, dropout, dtype, layer_generator(seed, name), rslora)
+        layer = layer_class(linear, rank, alpha, dropout, dtype, layer_seed(seed, name), rslora)
         layer.train(linear.training)  # keep eval/train mode
         setattr(model.get_submodule(owner), attr, layer)
     return summarize(model, len(chosen))
@@ -260,11 +262,11 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 32, dropout: flo
     return wrap_targets(model, LoRALinear, rank, alpha, dropout, targets, dtype, seed, rslora)
 
 
-def initialise_adapters(model: nn.Module, seed: int) -> None:
-    """Start every adapter layer again as apply_lora / apply_dora(..., seed=seed) start it, from the weights it
-    holds now: for adapters attached to a model built on the meta device and filled afterwards."""
-    for name, layer in adapter_layers(model):
-        layer.reset_adapter(layer_generator(seed, name))
+def initialise_adapters(model: nn.Module) -> None:
+    """Start every adapter layer again from its own seed, as apply_lora / apply_dora started it, from the weights
+    it holds now: for adapters attached to a model built on the meta device and filled afterwards."""
+    for _, layer in adapter_layers(model):
+        layer.reset_adapter()
 
 
 @contextmanager

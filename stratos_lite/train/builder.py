@@ -76,7 +76,7 @@ def prepare_model(config: TrainConfig, device: torch.device | None = None, *, we
         shard_model(model, config.cpu_offload, device)  # each parameter a DTensor of this rank's rows
     if weights:
         load_weights(model, config.model, dtype, device)
-        initialise_adapters(model, config.seed)
+        initialise_adapters(model)
     return model.train()
 
 
