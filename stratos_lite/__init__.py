@@ -19,7 +19,8 @@ from .data.task import DEFAULT_BANDS, Band, ParsedScore, parse_completion
 from .evaluation.engines import EngineError, LlamaCppEngine, TorchEngine
 from .evaluation.evaluate import evaluate
 from .evaluation.predictions import Prediction, read_predictions
-from .export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from .export.errors import ExportError
+from .export.gguf_file import export_gguf, export_gguf_from_folder
 from .export.imatrix import collect_imatrix, compute_imatrix
 from .export.imatrix_file import ImatrixError, ImportanceMatrix
 from .export.lora_gguf import export_lora_gguf

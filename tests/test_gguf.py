@@ -8,7 +8,8 @@ from conftest import tiny_config, write_hf_checkpoint
 from isolation import call_in_child
 
 import stratos_lite as sl
-from stratos_lite.export.gguf_file import ExportError, RowBlocks, export_gguf, export_gguf_from_folder, quantize_q8_0
+from stratos_lite.export.errors import ExportError
+from stratos_lite.export.gguf_file import RowBlocks, export_gguf, export_gguf_from_folder, quantize_q8_0
 
 gguf = pytest.importorskip("gguf")
 TOKENS = list(range(3, 200, 3))  # 66 positions

@@ -113,8 +113,10 @@ def test_bad_inputs_name_the_file_and_what_is_wrong(tmp_path, tokenizer):
         ImportanceMatrix.load(tmp_path / "junk.gguf")
     other = tiny_model(tmp_path / "other", hidden_size=32, head_dim=8)
     matrix = collect_imatrix(other, [tokenizer.encode(CORPUS[0])])
-    with pytest.raises(ImatrixError, match=r"blk\.0\.attn_q\.weight has 32 input channels, the model's tensor 64"):
+    with pytest.raises(ImatrixError, match=r"blk\.0\.attn_q\.weight has 32 input channels, the model's tensor 64") \
+            as caught:
         export_gguf(model, tokenizer, tmp_path / "q.gguf", quant="q4_k_m", imatrix=matrix)
+    assert isinstance(caught.value, sl.ExportError)  # what a caller of export_gguf catches
     assert not (tmp_path / "q.gguf").exists()
     with pytest.raises(ImatrixError, match="fewer than one chunk of 512"):
         text_chunks(list(range(100)), 512)

@@ -11,7 +11,8 @@ from conftest import tiny_config, write_hf_checkpoint
 from isolation import call_in_child
 
 import stratos_lite as sl
-from stratos_lite.export.gguf_file import ExportError, export_gguf, export_gguf_from_folder
+from stratos_lite.export.errors import ExportError
+from stratos_lite.export.gguf_file import export_gguf, export_gguf_from_folder
 from stratos_lite.export.imatrix import product_modules
 from stratos_lite.export.imatrix_file import ImportanceMatrix
 from stratos_lite.export.kquants import quantize_k

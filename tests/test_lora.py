@@ -17,7 +17,7 @@ from test_dora import TARGETS, assert_same_layer, perturb_
 from torch import nn
 
 import stratos_lite as sl
-from stratos_lite.export.gguf_file import ExportError
+from stratos_lite.export.errors import ExportError
 from stratos_lite.model.lora import LoRALinear
 from stratos_lite.storage.files import ModelFileError
 from stratos_lite.train.builder import prepare_model

@@ -12,7 +12,7 @@ from torch import nn
 
 import stratos_lite as sl
 from stratos_lite.config import ConfigError
-from stratos_lite.export.gguf_file import ExportError
+from stratos_lite.export.errors import ExportError
 from stratos_lite.model.dora import DoRALinear
 from stratos_lite.model.folders import load_pretrained_with_adapter
 from stratos_lite.model.nf4 import LEVELS, NF4Linear, quantized_layers

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..data.records import DataError
 from ..evaluation.engines import EngineError
-from ..export.gguf_file import ExportError
-from ..export.imatrix_file import ImatrixError
+from ..export.errors import ExportError
 from ..planning.report import PlanError
 from ..storage.atomic import WriteError
 from ..storage.files import FileFormatError, ModelFileError
@@ -24,8 +23,8 @@ from ..storage.lock import LockError
 from ..train.guard import NonFiniteError
 from ..train.preemption import Interrupted
 
-INPUT_ERRORS = (ConfigError, FileFormatError, DataError, ModelFileError, ExportError, ImatrixError, EngineError,
-                NonFiniteError, PlanError, FileNotFoundError, WriteError, LockError)
+INPUT_ERRORS = (ConfigError, FileFormatError, DataError, ModelFileError, ExportError, EngineError, NonFiniteError,
+                PlanError, FileNotFoundError, WriteError, LockError)
 
 
 def run(main: Callable[[], None]) -> None:

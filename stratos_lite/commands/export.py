@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..data.task import SYSTEM_PROMPT
 from ..evaluation.evaluate import evaluate
-from ..export.gguf_file import QUANTS, ExportError, export_gguf_from_folder
+from ..export.errors import ExportError
+from ..export.gguf_file import QUANTS, export_gguf_from_folder
 from ..export.imatrix_file import ImportanceMatrix
 from ..export.lora_gguf import ADAPTER_TYPES, export_lora_gguf
 from ..export.modelfile import write_modelfile

@@ -25,6 +25,7 @@ from ..model.lora import QUANTIZED_BASE_MERGE, LoRALinear, has_quantized_base, r
 from ..model.qwen3 import Qwen3ForCausalLM
 from ..model.tokenizer import Tokenizer
 from ..storage.atomic import staged_file
+from .errors import ExportError
 from .imatrix_file import ImportanceMatrix
 from .kquants import BLOCK_BYTES, SUPER_BLOCK, quantize_k
 from .modelfile import write_modelfile
@@ -41,10 +42,6 @@ LAYER_TENSORS = {
     "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
-
-
-class ExportError(ValueError):
-    """The model cannot be written as a GGUF llama.cpp would load; nothing was written."""
 
 
 # q8_0 -----------------------------------------------------------------------------------------------------

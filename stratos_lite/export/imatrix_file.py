@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from ..storage.atomic import staged_file
+from .errors import ExportError
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 
 
-class ImatrixError(ValueError):
+class ImatrixError(ExportError):
     """An importance matrix file that cannot be read, or does not fit the model it is used with."""
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from ..model.lora import adapter_layers, has_adapters
 from ..model.qwen3 import Qwen3ForCausalLM
 from ..storage.atomic import staged_file, write_text
-from .gguf_file import LAYER_TENSORS, ExportError
+from .errors import ExportError
+from .gguf_file import LAYER_TENSORS
 from .modelfile import modelfile_text
 
 ADAPTER_TYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
