@@ -289,6 +289,46 @@ def test_caching_allocator_model_reserves_segments_as_pytorchs_does():
     assert allocator.reserved == 66 * mib
 
 
+def test_caching_allocator_blocks_tile_their_segments_through_any_sequence():
+    """Seeded random allocations and frees: each segment's blocks, followed by their neighbour links, cover it
+    in address order with no two free blocks side by side (freed neighbours merge), and the segments add up to
+    what is reserved; all freed, each segment is one free block that serves a request of its size again."""
+    import random
+
+    from stratos_lite.planning.allocator import CachingAllocator
+
+    def segments(heads) -> int:
+        total = 0
+        for head in heads.values():
+            block, end = head, 0
+            while block is not None:
+                assert block.offset == end and (block.prev is None or block.prev.next is block)
+                assert not (block.free and block.prev is not None and block.prev.free)
+                end, block = end + block.size, block.next
+            total += end
+        return total
+
+    rng = random.Random(0)
+    for _ in range(20):
+        allocator, live, heads = CachingAllocator(), [], {}
+        for _ in range(120):
+            if live and rng.random() < 0.45:
+                allocator.free(live.pop(rng.randrange(len(live))))
+            else:
+                block = allocator.allocate(rng.choice([rng.randint(1, 2**20), rng.randint(2**20, 24 * 2**20)]))
+                assert not block.free
+                live.append(block)
+                heads.setdefault(block.segment, block if block.offset == 0 else None)  # a new segment's first
+            assert segments(heads) == allocator.reserved
+        for block in live:
+            allocator.free(block)
+        assert all(head.free and head.next is None for head in heads.values())
+        largest = max(heads.values(), key=lambda head: head.size)
+        reserved = allocator.reserved
+        if largest.size > 2**20:  # a large-pool segment: the whole of it is reused, nothing new reserved
+            assert allocator.allocate(largest.size) is largest and allocator.reserved == reserved
+
+
 def test_blas_workspace_reads_pytorchs_setting():
     from stratos_lite.planning.allocator import blas_workspace, workspace_config
 

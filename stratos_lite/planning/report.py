@@ -126,6 +126,7 @@ class Plan:
 
     @property
     def activations_no_checkpointing(self) -> int:
+        """The activations the run's micro-batch would save with gradient checkpointing off."""
         return self.alternatives.activations_no_checkpointing
 
     def cpu_rss_note(self) -> str:
