@@ -150,6 +150,8 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint(demo_dir, tmp_p
     with pytest.raises(KeyboardInterrupt):
         Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-000003"]
+    state = json.loads((tmp_path / "run" / "checkpoint-000003" / "state.json").read_text())
+    assert state["step"] == 3 and "metrics" not in state  # the history is metrics.jsonl's; a checkpoint stays small
     monkeypatch.setattr(checkpoint_module, "describe_files", real)
     model, dataset, tok = build(str(demo_dir), dropout=0.1)
     Trainer(model, dataset, quick_config(tmp_path / "run"), pad_id=tok.pad_id).train()

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `checkpoint-{step:06d}` holding the trainable tensors (`trainable.safetensors`),
 the optimizer's tensors (`optimizer.safetensors`), RNG states (`rng.safetensors`), everything else as
-JSON (`state.json`: step, config, scheduler, sampler position, optimizer hyperparameters, metrics so far),
+JSON (`state.json`: step, config, scheduler, sampler position, optimizer hyperparameters, the data's identity),
 and for DoRA models the adapter in PEFT's layout (`adapter/`), plus `manifest.json`: the size and SHA-256
 of every other file. It is written under a temporary name and renamed when complete (atomic.py), so a kill
 or a full disk mid-save leaves the previous checkpoints as they were; the manifest catches what goes wrong on
@@ -161,7 +161,7 @@ class SavedCheckpoint:
     """A checkpoint as read from disk: whole tensors, to be restored by whatever holds the model."""
     trainable: dict[str, torch.Tensor]
     optimizer_state: dict  # torch's index-keyed state_dict
-    state: dict  # state.json: step, config, scheduler, sampler position, metrics, ...
+    state: dict  # state.json: step, config, scheduler, sampler position, ...
     rng: dict
 
 
