@@ -113,3 +113,12 @@ def test_readme_layout_names_every_folder_of_the_package():
     assert named == folders
     for name in folders:
         assert ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())), f"{name}/__init__.py"
+
+
+def test_the_package_points_at_nothing_an_installed_copy_lacks():
+    """What the library prints or says carries its reasons: an installed package has no benchmarks/ (its
+    RESULTS.md) and no ../shared beside it."""
+    pointing = [f"{path.relative_to(ROOT)}: {word}" for path in PACKAGE.rglob("*")
+                if path.suffix in {".py", ".toml", ".md", ".json"}
+                for word in ("benchmarks/", "RESULTS.md", "../shared") if word in path.read_text()]
+    assert not pointing, pointing
